@@ -1,0 +1,229 @@
+"""The inference engine interface, the plain data it speaks, and shared helpers.
+
+An engine owns one loaded model on one box. It is synchronous and
+single-sequence (llama.cpp's context holds one conversation at a time); the
+replica that wraps it (``deployments/replica.py``) serialises calls and moves
+them off the event loop.
+
+Two implementations:
+
+* ``nodes.llamacpp.LlamaCppEngine`` runs GGUF models with llama-cpp-python;
+* ``nodes.fake_engine.FakeEngine`` emits deterministic text at a set pace, for
+  routing, scaling and fault tests and for benchmarks of Corral's own overhead.
+
+``load_engine(spec)`` builds the one a spec names. Everything here is plain,
+picklable data so it can cross Ray process boundaries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from nodes.errors import ContextLengthExceeded, InvalidRequest
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One turn of a conversation, already reduced to text."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Defaults are llama.cpp's own."""
+
+    max_tokens: int | None = None  # None: until a stop condition or the context is full
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_mode: bool = False  # constrain the output to a JSON value
+    json_schema: dict[str, Any] | None = None  # ... or to JSON matching this schema
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A chat (``messages``) or a raw completion (``prompt``), with sampling settings."""
+
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("a GenerateRequest has exactly one of messages or prompt")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Seconds spent in each phase of one generation."""
+
+    queued: float = 0.0  # waiting for the engine (set by the replica)
+    prompt: float = 0.0  # prompt evaluation, up to the first sampled token
+    generation: float = 0.0  # every token after the first
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New text (never a partial UTF-8 sequence, never part of a stop sequence)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of every generation."""
+
+    reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+GenerationEvent = TextDelta | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What a loaded engine tells about itself."""
+
+    model: str
+    n_ctx: int  # the context window this replica runs with
+    n_ctx_train: int  # the context the model was trained with
+    n_embd: int
+    load_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """Everything needed to start an engine for one model on one box."""
+
+    model: str  # the name clients use, e.g. "smollm2:135m"
+    path: str  # the GGUF file ("" for the fake engine)
+    n_ctx: int = 4096
+    n_threads: int | None = None  # None: the box's physical cores
+    n_gpu_layers: int = 0
+    engine: Literal["llama.cpp", "fake"] = "llama.cpp"
+    options: dict[str, Any] = field(default_factory=dict)  # engine-specific extras
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model that can tokenize, generate and embed, one call at a time."""
+
+    info: EngineInfo
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        """Render the prompt (chat template for messages) and tokenize it.
+
+        Raises ``InvalidRequest`` for input the model cannot take and
+        ``ContextLengthExceeded`` when no token would fit after the prompt.
+        """
+        ...
+
+    def generate(
+        self, tokens: list[int], params: SamplingParams, cancel: threading.Event
+    ) -> Iterator[GenerationEvent]:
+        """Yield text as it is produced, then exactly one ``Finished``.
+
+        Stops early with reason ``cancelled`` once ``cancel`` is set.
+        """
+        ...
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """One L2-normalised vector per text."""
+        ...
+
+    def close(self) -> None:
+        """Free the model's memory."""
+        ...
+
+
+def load_engine(spec: EngineSpec) -> Engine:
+    """Build and load the engine ``spec`` names (imports llama.cpp only when needed)."""
+    if spec.engine == "fake":
+        from nodes.fake_engine import FakeEngine
+
+        return FakeEngine(spec)
+    from nodes.llamacpp import LlamaCppEngine
+
+    return LlamaCppEngine(spec)
+
+
+def check_prompt_fits(n_prompt: int, n_ctx: int, param: str) -> None:
+    """Refuse a prompt that leaves no room for even one generated token."""
+    if n_prompt == 0:
+        raise InvalidRequest("The prompt is empty.", param=param)
+    if n_prompt >= n_ctx:
+        raise ContextLengthExceeded(n_prompt, n_ctx, param=param)
+
+
+def max_new_tokens(n_prompt: int, n_ctx: int, requested: int | None) -> int:
+    """How many tokens may be generated: what was asked, capped by the context left."""
+    room = n_ctx - n_prompt
+    return room if requested is None else max(0, min(room, requested))
+
+
+class StopMatcher:
+    """Hold back text that might be the start of a stop sequence.
+
+    ``feed`` returns the text that is safe to emit and whether a stop sequence
+    was found (everything from the stop sequence on is dropped). ``flush``
+    returns what was held back once generation ends for another reason.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._held = ""
+            return buf[:cut], True
+        keep = max((_overlap(buf, s) for s in self._stops), default=0)
+        self._held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

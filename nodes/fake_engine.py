@@ -1,0 +1,139 @@
+"""A deterministic engine for routing, scaling and fault tests and overhead benchmarks.
+
+It speaks the same protocol as ``LlamaCppEngine`` and honours the same
+settings that matter to the layers above it (max_tokens, stop sequences,
+context length, cancellation), but its "model" is a word list: the same
+prompt and seed always give the same words, at a set delay per token.
+
+Options (``EngineSpec.options``):
+
+* ``token_delay``: seconds per generated token (default 0.01);
+* ``prompt_delay``: seconds before the first token (default 0);
+* ``reply_tokens``: tokens in a reply when max_tokens is not set (default 16);
+* ``load_delay``: seconds the constructor sleeps, to simulate a cold start;
+* ``fail_after``: raise ``EngineFault`` after this many tokens (fault tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from nodes.engine import (
+    Embeddings,
+    EngineInfo,
+    EngineSpec,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    GenerationEvent,
+    SamplingParams,
+    StopMatcher,
+    TextDelta,
+    Timings,
+    Usage,
+    check_prompt_fits,
+    max_new_tokens,
+)
+
+WORDS = (
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima "
+    "mike november oscar papa quebec romeo sierra tango uniform victor whiskey"
+).split()
+EMBED_DIM = 16
+
+
+class EngineFault(RuntimeError):
+    """The failure ``fail_after`` injects: an engine breaking mid-generation."""
+
+
+def _digest(*parts: object) -> int:
+    data = "\x1f".join(map(str, parts)).encode()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
+
+
+class FakeEngine:
+    """Deterministic words at a configurable pace; one token per word."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        opts = spec.options
+        self.token_delay = float(opts.get("token_delay", 0.01))
+        self.prompt_delay = float(opts.get("prompt_delay", 0.0))
+        self.reply_tokens = int(opts.get("reply_tokens", 16))
+        fail_after = opts.get("fail_after")
+        self.fail_after = None if fail_after is None else int(fail_after)
+        load_delay = float(opts.get("load_delay", 0.0))
+        time.sleep(load_delay)
+        self.info = EngineInfo(
+            model=spec.model,
+            n_ctx=spec.n_ctx,
+            n_ctx_train=spec.n_ctx,
+            n_embd=EMBED_DIM,
+            load_seconds=load_delay,
+        )
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        if request.messages is not None:
+            text = "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+            param = "messages"
+        else:
+            text = request.prompt or ""
+            param = "prompt"
+        tokens = [_digest(word) % 50_000 for word in text.split()]
+        check_prompt_fits(len(tokens), self.info.n_ctx, param)
+        return tokens
+
+    def generate(
+        self, tokens: list[int], params: SamplingParams, cancel: threading.Event
+    ) -> Iterator[GenerationEvent]:
+        wanted = self.reply_tokens
+        if params.max_tokens is not None:
+            wanted = min(wanted, params.max_tokens)
+        limit = max_new_tokens(len(tokens), self.info.n_ctx, wanted)
+        # A reply that runs to its own length "stopped"; one cut short by
+        # max_tokens or by the context window hit the "length" limit.
+        reason: FinishReason = "stop" if limit == self.reply_tokens else "length"
+        rng = random.Random(_digest(tokens, params.seed))
+        stops = StopMatcher(params.stop)
+        started = time.perf_counter()
+        cancel.wait(self.prompt_delay)
+        first_at = time.perf_counter()
+        produced = 0
+        while produced < limit:
+            if cancel.wait(self.token_delay):
+                reason = "cancelled"
+                break
+            if produced == self.fail_after:
+                raise EngineFault(f"injected fault after {produced} tokens")
+            produced += 1
+            text, stopped = stops.feed(("" if produced == 1 else " ") + rng.choice(WORDS))
+            if text:
+                yield TextDelta(text)
+            if stopped:
+                reason = "stop"
+                break
+        else:
+            if tail := stops.flush():
+                yield TextDelta(tail)
+        ended = time.perf_counter()
+        yield Finished(
+            reason=reason,
+            usage=Usage(prompt_tokens=len(tokens), completion_tokens=produced),
+            timings=Timings(prompt=first_at - started, generation=ended - first_at),
+        )
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        vectors = []
+        for text in texts:
+            rng = random.Random(_digest("embed", text))
+            v = [rng.uniform(-1, 1) for _ in range(EMBED_DIM)]
+            norm = math.sqrt(sum(x * x for x in v)) or 1.0
+            vectors.append([x / norm for x in v])
+        return Embeddings(vectors=vectors, prompt_tokens=sum(len(t.split()) for t in texts))
+
+    def close(self) -> None:
+        pass

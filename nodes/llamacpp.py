@@ -1,0 +1,233 @@
+"""The real engine: GGUF models through llama-cpp-python.
+
+We drive ``Llama.generate`` (llama-cpp-python's token loop: prefix-cache reuse,
+the sampler chain) rather than ``create_completion``, because we need what the
+latter hides: exact token counts in streams, the time to the first token, a
+cancel check between tokens, and one event type shared with the fake engine.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import llama_cpp
+import psutil
+from jinja2 import TemplateError
+from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+
+from nodes.engine import (
+    Embeddings,
+    EngineInfo,
+    EngineSpec,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    GenerationEvent,
+    SamplingParams,
+    StopMatcher,
+    TextDelta,
+    Timings,
+    Usage,
+    check_prompt_fits,
+    max_new_tokens,
+)
+from nodes.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
+from nodes.gguf import check_gguf
+
+log = logging.getLogger(__name__)
+
+def default_threads() -> int:
+    """Physical cores: llama.cpp gets slower, not faster, on hyper-threads."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_gbnf(schema_json: str) -> str:
+    return json_schema_to_gbnf(schema_json)
+
+
+def grammar_for(params: SamplingParams) -> str | None:
+    """The GBNF grammar that constrains the output, if the request asks for JSON."""
+    if params.json_schema is not None:
+        try:
+            return _schema_gbnf(json.dumps(params.json_schema, sort_keys=True))
+        except Exception as exc:  # the converter raises bare Exceptions on bad schemas
+            raise InvalidRequest(
+                f"The JSON schema cannot be turned into a grammar: {exc}", param="response_format"
+            ) from exc
+    return JSON_GBNF if params.json_mode else None
+
+
+class LlamaCppEngine:
+    """One GGUF model loaded in llama.cpp, used one call at a time."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        check_gguf(spec.path)
+        self._spec = spec
+        self._threads = spec.n_threads or default_threads()
+        started = time.perf_counter()
+        self._llm = self._load(embedding=False, n_ctx=spec.n_ctx)
+        self._embedder: llama_cpp.Llama | None = None
+        metadata = self._llm.metadata
+        arch = metadata.get("general.architecture", "")
+        n_ctx_train = int(metadata.get(f"{arch}.context_length", self._llm.n_ctx()))
+        if spec.n_ctx > n_ctx_train:
+            log.warning("%s: context %d exceeds the trained %d", spec.model, spec.n_ctx, n_ctx_train)
+        self._pooling = int(metadata.get(f"{arch}.pooling_type", llama_cpp.LLAMA_POOLING_TYPE_MEAN))
+        if self._pooling == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            self._pooling = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        self._formatter = self._chat_formatter()
+        self.info = EngineInfo(
+            model=spec.model,
+            n_ctx=self._llm.n_ctx(),
+            n_ctx_train=n_ctx_train,
+            n_embd=self._llm.n_embd(),
+            load_seconds=time.perf_counter() - started,
+        )
+
+    def _load(self, *, embedding: bool, n_ctx: int) -> llama_cpp.Llama:
+        kwargs = {}
+        if embedding:
+            # Embeddings take one whole input per batch; a separate context keeps
+            # the chat context (and its prompt cache) fast. Weights are mmapped, so
+            # the two contexts share them in the page cache.
+            kwargs = {"n_batch": n_ctx, "n_ubatch": n_ctx, "pooling_type": self._pooling}
+        try:
+            return llama_cpp.Llama(
+                self._spec.path,
+                n_ctx=n_ctx,
+                n_threads=self._threads,
+                n_threads_batch=self._threads,
+                n_gpu_layers=self._spec.n_gpu_layers,
+                embedding=embedding,
+                verbose=False,
+                **kwargs,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadFailed(
+                f"llama.cpp could not load {self._spec.model} from {self._spec.path}: {exc}. "
+                f"The file may be truncated or corrupt, or the box may lack memory."
+            ) from exc
+
+    def _chat_formatter(self) -> Jinja2ChatFormatter:
+        llm = self._llm
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            log.warning("%s has no chat template; using ChatML", self._spec.model)
+            template = CHATML_CHAT_TEMPLATE
+        eos, bos = llm.token_eos(), llm.token_bos()
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+            add_generation_prompt=True,
+        )
+
+    # -- Engine protocol --------------------------------------------------------
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:
+                text = self._formatter(messages=messages).prompt
+            except (TemplateError, ValueError) as exc:
+                raise InvalidRequest(
+                    f"The model's chat template refused these messages: {exc}", param="messages"
+                ) from exc
+            tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            param = "messages"
+        else:
+            assert request.prompt is not None
+            tokens = self._llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
+            param = "prompt"
+        grammar_for(request.params)  # refuse a bad schema before the request is queued
+        check_prompt_fits(len(tokens), self.info.n_ctx, param)
+        return tokens
+
+    def generate(
+        self, tokens: list[int], params: SamplingParams, cancel: threading.Event
+    ) -> Iterator[GenerationEvent]:
+        llm = self._llm
+        limit = max_new_tokens(len(tokens), self.info.n_ctx, params.max_tokens)
+        llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
+        gbnf = grammar_for(params)
+        stops = StopMatcher(params.stop)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llm._model.vocab
+        started = time.perf_counter()
+        first_at: float | None = None
+        produced = 0
+        reason: FinishReason = "length"
+        hit_stop_sequence = False
+        stream = llm.generate(
+            tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            grammar=LlamaGrammar.from_string(gbnf, verbose=False) if gbnf else None,
+        )
+        try:
+            for token in stream if limit > 0 else ():
+                first_at = first_at or time.perf_counter()
+                if cancel.is_set():
+                    reason = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    reason = "stop"
+                    break
+                produced += 1
+                text, stopped = stops.feed(utf8.decode(llm.detokenize([token])))
+                if text:
+                    yield TextDelta(text)
+                if stopped:
+                    reason, hit_stop_sequence = "stop", True
+                    break
+                if produced >= limit:
+                    break
+        finally:
+            stream.close()
+        if not hit_stop_sequence and reason != "cancelled":
+            # Release what was held back: a trailing partial UTF-8 sequence and
+            # text that only looked like the start of a stop sequence.
+            tail, stopped = stops.feed(utf8.decode(b"", final=True))
+            tail += "" if stopped else stops.flush()
+            if tail:
+                yield TextDelta(tail)
+        ended = time.perf_counter()
+        first_at = first_at or ended
+        yield Finished(
+            reason=reason,
+            usage=Usage(prompt_tokens=len(tokens), completion_tokens=produced),
+            timings=Timings(prompt=first_at - started, generation=ended - first_at),
+        )
+
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        if self._embedder is None:
+            self._embedder = self._load(embedding=True, n_ctx=self.info.n_ctx)
+        n_tokens = 0
+        for i, text in enumerate(texts):
+            n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n > self.info.n_ctx:
+                raise ContextLengthExceeded(n, self.info.n_ctx, param=f"input.{i}")
+            n_tokens += n
+        vectors = self._embedder.embed(list(texts), normalize=True, truncate=False)
+        return Embeddings(vectors=[list(map(float, v)) for v in vectors], prompt_tokens=n_tokens)
+
+    def close(self) -> None:
+        for llm in (self._llm, self._embedder):
+            if llm is not None:
+                llm.close()
+        self._embedder = None
