@@ -1,0 +1,89 @@
+"""How the API layer reaches models: the ``ModelBackend`` interface and its Serve version.
+
+The HTTP routes know nothing of Ray. They talk to a ``ModelBackend``;
+``ServeBackend`` implements it with the controller actor (which model exists,
+"make sure it runs") and Serve handles to the replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import ray
+from ray import serve
+from ray.actor import ActorHandle
+from ray.serve.handle import DeploymentHandle
+
+from deployments.replica import REPLICA_DEPLOYMENT, StreamEvent
+from nodes.engine import Embeddings, GenerateRequest
+from nodes.models import LocalModel
+
+# The controller actor (cluster/controller.py) registers under this name; the
+# ingress finds it by name so that deployments/ never imports cluster/.
+CONTROLLER_ACTOR = "corral-controller"
+NAMESPACE = "corral"
+
+
+class ModelBackend(Protocol):
+    """What the API routes need from the rest of Corral."""
+
+    async def list_models(self) -> list[LocalModel]:
+        """Every model a client may ask for."""
+        ...
+
+    def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
+        """Batches of events: ``[Admitted]`` first (or an exception), ``Finished`` last."""
+        ...
+
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+        ...
+
+
+class ServeBackend:
+    """``ModelBackend`` over the controller actor and Serve replica handles."""
+
+    def __init__(self, controller: str = CONTROLLER_ACTOR, namespace: str = NAMESPACE) -> None:
+        self._controller_name = controller
+        self._namespace = namespace
+        self._controller_handle: ActorHandle | None = None
+        self._replicas: dict[str, DeploymentHandle] = {}
+
+    def _controller(self) -> ActorHandle:
+        if self._controller_handle is None:
+            self._controller_handle = ray.get_actor(self._controller_name, self._namespace)
+        return self._controller_handle
+
+    async def list_models(self) -> list[LocalModel]:
+        return await self._controller().list_models.remote()
+
+    async def _replica(self, model: str) -> DeploymentHandle:
+        handle = self._replicas.get(model)
+        if handle is None:
+            # Raises ModelNotFound / ModelLoadFailed; waits while the model loads.
+            app = await self._controller().ensure.remote(model)
+            handle = serve.get_deployment_handle(
+                REPLICA_DEPLOYMENT, app, _check_exists=False, _record_telemetry=False
+            )
+            self._replicas[model] = handle
+        return handle
+
+    async def generate(
+        self, model: str, request: GenerateRequest
+    ) -> AsyncIterator[list[StreamEvent]]:
+        handle = await self._replica(model)
+        stream = handle.options(stream=True).generate.remote(request)
+        done = False
+        try:
+            async for batch in stream:
+                yield batch
+            done = True
+        finally:
+            if not done:
+                # The client went away (or the stream failed): stop the generation
+                # so the replica is free for the next request.
+                stream.cancel()
+
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+        handle = await self._replica(model)
+        return await handle.embed.remote(list(texts))

@@ -1,0 +1,106 @@
+"""The one place that turns an exception into an HTTP error.
+
+``classify`` maps any exception (ours, pydantic's, Ray's) to an ``ApiError``:
+status, message, and OpenAI's ``type``/``code``/``param``. Each API renders
+that in its own shape (``openai_body`` here; the Ollama routes use just the
+message). Client mistakes become 4xx with a message that says what to change;
+anything unexpected becomes a 5xx that reveals nothing about the internals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from nodes.errors import CorralError
+
+log = logging.getLogger("corral.errors")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiError:
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+
+
+# CorralError.kind -> (HTTP status, OpenAI error type, OpenAI code)
+_KINDS: dict[str, tuple[int, str, str | None]] = {
+    "invalid_request": (400, "invalid_request_error", None),
+    "context_length_exceeded": (400, "invalid_request_error", "context_length_exceeded"),
+    "model_not_found": (404, "invalid_request_error", "model_not_found"),
+    "model_load_failed": (500, "server_error", "model_load_failed"),
+    "unavailable": (503, "server_error", "service_unavailable"),
+}
+
+INTERNAL = ApiError(500, "The server had an error while processing your request.", "server_error")
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception behind Ray's wrappers (actor and Serve calls)."""
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
+def classify(exc: BaseException) -> ApiError:
+    """Map any exception to the error a client should see."""
+    exc = unwrap(exc)
+    if isinstance(exc, CorralError):
+        status, type_, code = _KINDS.get(exc.kind, (500, "server_error", exc.kind))
+        return ApiError(status, exc.message, type_, code, exc.param)
+    if isinstance(exc, RequestValidationError | ValidationError):
+        return _validation_error(exc.errors())
+    if isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError):
+        return ApiError(
+            503,
+            "The model's replica stopped while serving this request. Retry it.",
+            "server_error",
+            "service_unavailable",
+        )
+    log.error("unexpected error", exc_info=exc)
+    return INTERNAL
+
+
+def _validation_error(errors: Any) -> ApiError:
+    """First problem in a request body, with the dotted path of the field."""
+    if not errors:
+        return ApiError(400, "The request body is invalid.")
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        ctx = err.get("ctx", {}).get("error", "")
+        return ApiError(400, f"The request body is not valid JSON: {ctx}".rstrip(": "))
+    if err.get("type") == "model_attributes_type" or (not loc and "dict" in err.get("msg", "")):
+        return ApiError(400, "The request body must be a JSON object.")
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "missing":
+        msg = "Field required"
+    where = f"'{param}'" if param else "the body"
+    return ApiError(400, f"Invalid value for {where}: {msg}.", param=param)
+
+
+def openai_body(error: ApiError) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def openai_sse_error(exc: BaseException) -> str:
+    """A streaming error: one SSE event in OpenAI's error shape."""
+    return f"data: {json.dumps(openai_body(classify(exc)))}\n\n"

@@ -1,0 +1,397 @@
+"""The OpenAI API's behaviour, free of HTTP: requests in, responses or SSE text out.
+
+``OpenAIServing`` converts OpenAI requests to engine requests, calls the
+``ModelBackend``, and turns engine events back into OpenAI responses and
+chunks. Streams are opened before the HTTP response starts, so an error found
+up front (unknown model, prompt too long) is an ordinary HTTP error; an error
+after the first byte is one SSE error event, after which the stream ends.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from deployments.backend import ModelBackend
+from deployments.errors import openai_sse_error
+from deployments.openai import protocol as p
+from deployments.replica import Admitted, StreamEvent
+from nodes.engine import (
+    ChatMessage,
+    Finished,
+    GenerateRequest,
+    SamplingParams,
+    TextDelta,
+)
+from nodes.errors import InvalidRequest, ModelNotFound
+from nodes.models import LocalModel
+
+log = logging.getLogger("corral.openai")
+
+MAX_STOP_SEQUENCES = 16
+MAX_EMBEDDING_INPUTS = 2048
+
+
+@dataclass(slots=True)
+class Result:
+    """A whole generation, gathered from its events."""
+
+    text: str
+    finished: Finished
+
+
+class OpenAIServing:
+    """Chat, text completions, embeddings and the model list, OpenAI style."""
+
+    def __init__(self, backend: ModelBackend) -> None:
+        self._backend = backend
+
+    # -- models -----------------------------------------------------------------
+
+    async def list_models(self) -> p.ModelList:
+        models = await self._backend.list_models()
+        return p.ModelList(data=[_card(m) for m in models])
+
+    async def get_model(self, model_id: str) -> p.ModelCard:
+        for m in await self._backend.list_models():
+            if m.name == model_id:
+                return _card(m)
+        raise ModelNotFound(model_id)
+
+    # -- chat -------------------------------------------------------------------
+
+    async def chat(self, req: p.ChatCompletionRequest) -> p.ChatCompletion | AsyncIterator[str]:
+        greq = chat_to_engine(req)
+        stream = await self._open(req.model, greq)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream_sse(stream, _ChatChunks(rid, created, req.model, include_usage))
+        result = await _gather(stream)
+        return p.ChatCompletion(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=[
+                p.ChatChoice(
+                    message=p.ChatMessageOut(content=result.text),
+                    finish_reason=result.finished.reason,
+                )
+            ],
+            usage=_usage(result.finished),
+        )
+
+    # -- text completions -------------------------------------------------------
+
+    async def completion(self, req: p.CompletionRequest) -> p.Completion | AsyncIterator[str]:
+        greq = completion_to_engine(req)
+        stream = await self._open(req.model, greq)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echo = greq.prompt if req.echo else ""
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return self._stream_sse(stream, _CompletionChunks(rid, created, req.model, echo, include_usage))
+        result = await _gather(stream)
+        return p.Completion(
+            id=rid,
+            created=created,
+            model=req.model,
+            choices=[
+                p.CompletionChoice(text=echo + result.text, finish_reason=result.finished.reason)
+            ],
+            usage=_usage(result.finished),
+        )
+
+    # -- embeddings -------------------------------------------------------------
+
+    async def embeddings(self, req: p.EmbeddingRequest) -> p.EmbeddingResponse:
+        _log_ignored(req)
+        texts = embedding_inputs(req)
+        result = await self._backend.embed(req.model, texts)
+        data = [
+            p.EmbeddingData(index=i, embedding=_encode_vector(v, req.encoding_format))
+            for i, v in enumerate(result.vectors)
+        ]
+        usage = p.UsageInfo(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+        return p.EmbeddingResponse(data=data, model=req.model, usage=usage)
+
+    # -- streaming plumbing -----------------------------------------------------
+
+    async def _open(self, model: str, greq: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
+        """Start a generation and wait until the replica admits it.
+
+        Errors up to admission (unknown model, bad prompt, load failure) raise
+        here, before any byte of the response is sent.
+        """
+        stream = self._backend.generate(model, greq)
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        if not (first and isinstance(first[0], Admitted)):
+            await stream.aclose()
+            raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
+        return stream
+
+    async def _stream_sse(
+        self, stream: AsyncIterator[list[StreamEvent]], chunks: _Chunks
+    ) -> AsyncIterator[str]:
+        try:
+            yield _sse_event(chunks.start())
+            async for batch in stream:
+                text = "".join(e.text for e in batch if isinstance(e, TextDelta))
+                if text:
+                    yield _sse_event(chunks.text(text))
+                for event in batch:
+                    if isinstance(event, Finished):
+                        for chunk in chunks.finish(event):
+                            yield _sse_event(chunk)
+            yield "data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
+            log.warning("stream failed: %s", exc)
+            yield openai_sse_error(exc)
+        finally:
+            await stream.aclose()
+
+
+# -- request conversion (pure) ------------------------------------------------------
+
+
+def chat_to_engine(req: p.ChatCompletionRequest) -> GenerateRequest:
+    """Turn an OpenAI chat request into an engine request, refusing what we cannot do."""
+    _log_ignored(req)
+    if req.tools:
+        raise InvalidRequest("Tool calling is not supported by Corral yet.", param="tools")
+    messages = tuple(_chat_message(i, m) for i, m in enumerate(req.messages))
+    fmt = req.response_format
+    json_schema = None
+    if fmt is not None and fmt.type == "json_schema":
+        if not fmt.json_schema or not isinstance(fmt.json_schema.get("schema"), dict):
+            raise InvalidRequest(
+                "response_format.json_schema.schema must be a JSON schema object.",
+                param="response_format.json_schema",
+            )
+        json_schema = fmt.json_schema["schema"]
+    params = sampling_params(
+        req,
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        json_mode=fmt is not None and fmt.type == "json_object",
+        json_schema=json_schema,
+    )
+    return GenerateRequest(messages=messages, params=params)
+
+
+def completion_to_engine(req: p.CompletionRequest) -> GenerateRequest:
+    """Turn an OpenAI (legacy) completion request into an engine request."""
+    _log_ignored(req)
+    prompt = req.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequest(
+                "Send one prompt per request (a list of prompts is not supported).",
+                param="prompt",
+            )
+        prompt = prompt[0]
+    if req.suffix:
+        raise InvalidRequest("Fill-in-the-middle (suffix) is not supported.", param="suffix")
+    if req.best_of not in (None, 1):
+        raise InvalidRequest("Only best_of=1 is supported.", param="best_of")
+    return GenerateRequest(prompt=prompt, params=sampling_params(req, max_tokens=req.max_tokens))
+
+
+def sampling_params(
+    req: p.SamplingFields,
+    *,
+    max_tokens: int | None,
+    json_mode: bool = False,
+    json_schema: dict | None = None,
+) -> SamplingParams:
+    """Sampling settings from a request; what it leaves out keeps llama.cpp's default."""
+    if req.n != 1:
+        raise InvalidRequest("Only n=1 is supported: send one request per completion.", param="n")
+    if req.logprobs:
+        raise InvalidRequest("logprobs are not supported.", param="logprobs")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"At most {MAX_STOP_SEQUENCES} stop sequences.", param="stop")
+    given = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "seed": req.seed,
+        "repeat_penalty": req.repeat_penalty,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+    }
+    return SamplingParams(
+        max_tokens=max_tokens,
+        stop=stop,
+        json_mode=json_mode,
+        json_schema=json_schema,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+
+
+def _chat_message(index: int, msg: p.ChatMessageIn) -> ChatMessage:
+    content = msg.content
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    else:
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, p.TextPart):
+                raise InvalidRequest(
+                    "This model takes text only; image inputs are not supported.",
+                    param=f"messages.{index}.content.{j}",
+                )
+            parts.append(part.text)
+        text = "\n".join(parts)
+    # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+    role = "system" if msg.role == "developer" else msg.role
+    return ChatMessage(role=role, content=text)
+
+
+def embedding_inputs(req: p.EmbeddingRequest) -> list[str]:
+    """The texts to embed, refusing token arrays, empty input and too many inputs."""
+    if req.dimensions is not None:
+        raise InvalidRequest("Choosing embedding dimensions is not supported.", param="dimensions")
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    if not texts:
+        raise InvalidRequest("input must not be empty.", param="input")
+    if not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest("Token arrays are not supported; send text.", param="input")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"At most {MAX_EMBEDDING_INPUTS} inputs per request.", param="input")
+    for i, t in enumerate(texts):
+        if not t:
+            raise InvalidRequest("input must not contain empty strings.", param=f"input.{i}")
+    return texts  # type: ignore[return-value]
+
+
+# -- response building -----------------------------------------------------------------
+
+
+class _Chunks(Protocol):
+    """Builds the chunk objects of one stream."""
+
+    def start(self) -> BaseModel: ...
+
+    def text(self, text: str) -> BaseModel: ...
+
+    def finish(self, event: Finished) -> list[BaseModel]: ...
+
+
+@dataclass(slots=True)
+class _ChatChunks:
+    id: str
+    created: int
+    model: str
+    include_usage: bool
+
+    def _chunk(self, delta: p.DeltaMessage, finish: str | None = None) -> p.ChatCompletionChunk:
+        choice = p.ChatChunkChoice(delta=delta, finish_reason=finish)
+        return p.ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=[choice]
+        )
+
+    def start(self) -> p.ChatCompletionChunk:
+        return self._chunk(p.DeltaMessage(role="assistant", content=""))
+
+    def text(self, text: str) -> p.ChatCompletionChunk:
+        return self._chunk(p.DeltaMessage(content=text))
+
+    def finish(self, event: Finished) -> list[p.ChatCompletionChunk]:
+        chunks = [self._chunk(p.DeltaMessage(), finish=event.reason)]
+        if self.include_usage:
+            chunks.append(
+                p.ChatCompletionChunk(
+                    id=self.id,
+                    created=self.created,
+                    model=self.model,
+                    choices=[],
+                    usage=_usage(event),
+                )
+            )
+        return chunks
+
+
+@dataclass(slots=True)
+class _CompletionChunks:
+    id: str
+    created: int
+    model: str
+    echo: str
+    include_usage: bool
+
+    def _chunk(self, text: str, finish: str | None = None) -> p.Completion:
+        choice = p.CompletionChoice(text=text, finish_reason=finish)
+        return p.Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def start(self) -> p.Completion:
+        return self._chunk(self.echo)
+
+    def text(self, text: str) -> p.Completion:
+        return self._chunk(text)
+
+    def finish(self, event: Finished) -> list[p.Completion]:
+        last = self._chunk("", finish=event.reason)
+        if self.include_usage:
+            last.usage = _usage(event)
+        return [last]
+
+
+async def _gather(stream: AsyncIterator[list[StreamEvent]]) -> Result:
+    parts: list[str] = []
+    finished: Finished | None = None
+    try:
+        async for batch in stream:
+            for event in batch:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    finished = event
+    finally:
+        await stream.aclose()
+    if finished is None:
+        raise RuntimeError("the replica's stream ended without a Finished event")
+    return Result(text="".join(parts), finished=finished)
+
+
+def _usage(event: Finished) -> p.UsageInfo:
+    u = event.usage
+    return p.UsageInfo(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.total_tokens,
+    )
+
+
+def _card(model: LocalModel) -> p.ModelCard:
+    return p.ModelCard(id=model.name, created=int(model.modified_at))
+
+
+def _sse_event(chunk: BaseModel) -> str:
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def _log_ignored(req: p.OpenAIRequest) -> None:
+    if ignored := req.ignored_fields():
+        log.info("ignoring fields Corral does not support: %s", ", ".join(ignored))
