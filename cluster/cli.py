@@ -1,0 +1,111 @@
+"""The ``corral`` command."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cluster.settings import CorralSettings
+from cluster.yamlfile import ConfigError
+
+app = typer.Typer(
+    name="corral",
+    help="Run local LLMs on every box of a homelab, behind one OpenAI- and Ollama-compatible API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _describe(name: str) -> str:
+    return CorralSettings.model_fields[name].description or ""
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cluster.server import corral_version
+
+        print(f"corral {corral_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Run local LLMs on every box of a homelab, behind one OpenAI- and Ollama-compatible API."""
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help=_describe("host"))] = None,
+    address: Annotated[str | None, typer.Option(help=_describe("ray_address"))] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Settings file (default: $CORRAL_CONFIG if set)."),
+    ] = None,
+    num_ctx: Annotated[int | None, typer.Option(help=_describe("num_ctx"))] = None,
+    num_threads: Annotated[int | None, typer.Option(help=_describe("num_threads"))] = None,
+    dashboard: Annotated[bool | None, typer.Option(help=_describe("dashboard"))] = None,
+) -> None:
+    """Start Corral and serve until Ctrl-C.
+
+    With no cluster address it starts a private one-box Ray cluster with the
+    starter model smollm2:135m; nothing to configure, no network needed.
+    """
+    from cluster.server import StartupError, corral_version, start_corral
+    from cluster.settings import load_settings
+    from nodes.models import builtin_models
+
+    try:
+        settings = load_settings(
+            config,
+            host=host,
+            ray_address=address,
+            num_ctx=num_ctx,
+            num_threads=num_threads,
+            dashboard=dashboard,
+        )
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with console.status("Starting Corral (Ray, Serve, controller)..."):
+        try:
+            running = start_corral(settings)
+        except StartupError as exc:
+            console.print(f"[red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+    models = ", ".join(sorted(builtin_models()))
+    console.print(
+        f"Corral {corral_version()} is serving on [bold]{running.url}[/] "
+        f"(OpenAI API at {running.url}/v1). Models: {models}. Ctrl-C stops it.",
+        highlight=False,
+    )
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        console.print("Stopping Corral...")
+        running.stop()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The controller: one named Ray actor that decides what runs (first version).
+
+It knows which models exist and starts a model's replica (one Serve
+application, not exposed over HTTP) the first time a request needs it. Many
+requests for a cold model share one load. Later versions add the planner,
+autoscaling, keep-alive and eviction here; the ingress only ever asks
+"ensure MODEL is served".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+
+import ray
+from ray import serve
+
+from cluster.settings import CorralSettings
+from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
+from deployments.replica import replica_app
+from nodes.engine import EngineSpec
+from nodes.errors import ModelLoadFailed, ModelNotFound
+from nodes.gguf import check_gguf
+from nodes.models import LocalModel, builtin_models, normalize_name
+
+log = logging.getLogger("corral.controller")
+
+
+def app_name_for(model: str) -> str:
+    """A Serve application name for ``model``: readable, unique, safe in URLs and logs."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    return f"model-{slug}-{hashlib.sha256(model.encode()).hexdigest()[:6]}"
+
+
+class Controller:
+    """Owns the model catalog and the replicas (see module docstring)."""
+
+    def __init__(self, settings: CorralSettings) -> None:
+        logging.basicConfig(level=settings.log_level.upper())
+        self._settings = settings
+        self._catalog: dict[str, LocalModel] = builtin_models()
+        self._running: dict[str, str] = {}  # model -> Serve application name
+        self._loading: dict[str, asyncio.Task[str]] = {}
+
+    async def ping(self) -> bool:
+        return True
+
+    async def list_models(self) -> list[LocalModel]:
+        return sorted(self._catalog.values(), key=lambda m: m.name)
+
+    async def running(self) -> dict[str, str]:
+        """Loaded models and the Serve application of each."""
+        return dict(self._running)
+
+    async def ensure(self, model: str) -> str:
+        """Make sure ``model`` has a running replica; return its Serve application name.
+
+        Concurrent calls for the same cold model wait on one load.
+        """
+        name = normalize_name(model)
+        if name not in self._catalog:
+            raise ModelNotFound(model)
+        if name in self._running:
+            return self._running[name]
+        task = self._loading.get(name)
+        if task is None:
+            task = asyncio.create_task(self._deploy(name))
+            self._loading[name] = task
+            task.add_done_callback(lambda _: self._loading.pop(name, None))
+        return await asyncio.shield(task)
+
+    def _spec(self, model: LocalModel) -> EngineSpec:
+        return EngineSpec(
+            model=model.name,
+            path=model.path,
+            n_ctx=self._settings.num_ctx,
+            n_threads=self._settings.num_threads,
+        )
+
+    async def _deploy(self, name: str) -> str:
+        model = self._catalog[name]
+        check_gguf(model.path)  # a clear error now beats a replica crash loop later
+        app_name = app_name_for(name)
+        app = replica_app(self._spec(model), max_queue=self._settings.max_queue)
+        log.info("cold start: loading %s (%s) as %s", name, model.path, app_name)
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(serve.run, app, name=app_name, route_prefix=None),
+                timeout=self._settings.load_timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported as a load failure
+            await asyncio.to_thread(serve.delete, app_name)
+            reason = "timed out" if isinstance(exc, TimeoutError) else _last_line(exc)
+            log.error("loading %s failed: %s", name, reason)
+            raise ModelLoadFailed(f"The model '{name}' failed to load: {reason}") from None
+        log.info("loaded %s in %.1fs", name, time.monotonic() - started)
+        self._running[name] = app_name
+        return app_name
+
+
+def _last_line(exc: BaseException) -> str:
+    """The informative end of an error that may carry a remote traceback."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def start_controller(settings: CorralSettings) -> ray.actor.ActorHandle:
+    """Start the controller actor (or find the one already running) and wait for it."""
+    actor = (
+        ray.remote(Controller)
+        .options(
+            name=CONTROLLER_ACTOR,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+        )
+        .remote(settings)
+    )
+    ray.get(actor.ping.remote())
+    return actor

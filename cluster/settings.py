@@ -1,0 +1,145 @@
+"""Server settings: defaults < ``corral.yaml`` < ``CORRAL_*`` environment < command-line flags.
+
+Every setting documents itself (the same text shows in ``corral serve --help``
+and in ``configs/corral.yaml``). An unknown key in the file is an error with
+its line number, not a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+
+from cluster import yamlfile
+
+ENV_PREFIX = "CORRAL_"
+DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work unchanged
+
+
+class CorralSettings(BaseSettings):
+    """Settings of one Corral server (the ingress, the controller, the replicas it starts)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    host: str = Field(
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        description="Address the API listens on, HOST:PORT (like OLLAMA_HOST). "
+        "Use 0.0.0.0:11434 to serve the LAN.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to join (HEAD_IP:6379). Unset: start a private one-box cluster.",
+    )
+    state_dir: Path = Field(
+        default=Path("~/.corral"),
+        description="Where Corral keeps its state (Ray token, later keys and models).",
+    )
+    num_ctx: int = Field(
+        default=4096,
+        ge=256,
+        le=1_048_576,
+        description="Context length (tokens) of a model replica unless the model says otherwise.",
+    )
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="CPU threads per replica. Unset: the box's physical cores.",
+    )
+    max_queue: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Requests one replica holds (running + waiting) before more wait at the ingress.",
+    )
+    load_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds to wait for a model to load before the request fails.",
+    )
+    dashboard: bool = Field(
+        default=True,
+        description="Start Ray's dashboard on 127.0.0.1:8265 (private cluster only).",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Verbosity of Corral's own logs."
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        parse_host(value)
+        return value
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        """The (host, port) the API binds."""
+        return parse_host(self.host)
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir.expanduser()
+
+
+def parse_host(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``HOST``, ``:PORT`` or ``http://HOST:PORT`` -> (host, port)."""
+    text = value.strip().removeprefix("http://").rstrip("/")
+    if "://" in text:
+        raise ValueError(f"{value!r}: use HOST:PORT (plain HTTP), e.g. 127.0.0.1:11434")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(DEFAULT_PORT)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> CorralSettings:
+    """Settings from ``config`` (or ``$CORRAL_CONFIG``), the environment and ``overrides``.
+
+    ``overrides`` are command-line values; ``None`` means "not given".
+    Raises ``yamlfile.ConfigError`` with a message that says what to fix.
+    """
+    config = config or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
+    doc = yamlfile.load(config) if config else None
+    file_values = doc.data if doc else {}
+
+    class _WithFile(CorralSettings):
+        @classmethod
+        def settings_customise_sources(  # type: ignore[override]
+            cls, settings_cls, init_settings, env_settings, **_: Any
+        ):
+            return init_settings, env_settings, InitSettingsSource(settings_cls, file_values)
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        loaded = _WithFile(**given)
+    except ValidationError as exc:
+        raise _settings_error(exc, doc, given) from None
+    # A plain CorralSettings (not the local subclass) so it pickles to Ray actors.
+    return CorralSettings.model_construct(**loaded.model_dump())
+
+
+def _settings_error(
+    exc: ValidationError, doc: yamlfile.YamlDocument | None, given: dict[str, Any]
+) -> yamlfile.ConfigError:
+    """Name where each bad value came from: the flag, the variable, or the file line."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = str(loc[0]) if loc else ""
+        env = f"{ENV_PREFIX}{key.upper()}"
+        if key in given:
+            where = f"--{key.replace('_', '-')}"
+        elif env in os.environ:
+            where = env
+        elif doc is not None:
+            where = f"{doc.path}:{doc.line_of(loc) or 1}: {'.'.join(map(str, loc))}"
+        else:
+            where = key
+        lines.append(f"{where}: {yamlfile.explain_error(err)}")
+    return yamlfile.ConfigError("\n".join(lines))
