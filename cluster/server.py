@@ -7,6 +7,7 @@ so the tests exercise exactly what users run.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from cluster.auth import enable_ray_token_auth
 from cluster.controller import start_controller
 from cluster.settings import CorralSettings
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
-from deployments.ingress import INGRESS_APP, ingress_app
+from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
 
 log = logging.getLogger("corral.server")
 
@@ -82,10 +83,11 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
         _init_ray(settings)
     running = RunningCorral(settings, url=f"http://{_url_host(host)}:{port}", owns_ray=owns_ray)
     try:
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        # No Serve HTTP proxy: the ingress serves the API itself (deployments/ingress.py).
+        serve.start(proxy_location="Disabled")
         start_controller(settings)
-        app = ingress_app(controller=CONTROLLER_ACTOR, namespace=NAMESPACE, version=corral_version())
-        serve.run(app, name=INGRESS_APP, route_prefix="/")
+        config = IngressConfig(host=host, port=port, version=corral_version())
+        serve.run(ingress_app(config, node_labels=_this_node()), name=INGRESS_APP, route_prefix=None)
         _wait_until_answering(running.url, timeout=60)
     except BaseException:
         running.stop()
@@ -93,7 +95,18 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
     return running
 
 
+# Serve tuning for latency: run replica code and the handle router on the replica's
+# own event loop instead of hopping to extra threads. Corral's replicas never block
+# their loop (engine work runs in executors), which is what these options require.
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
 def _init_ray(settings: CorralSettings) -> None:
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)  # inherited by the Ray processes we start
     if settings.ray_address:
         ray.init(address=settings.ray_address, namespace=NAMESPACE, logging_level="warning")
         return
@@ -104,6 +117,12 @@ def _init_ray(settings: CorralSettings) -> None:
         labels={"corral.node": socket.gethostname(), "corral.role": "head"},
         logging_level="warning",
     )
+
+
+def _this_node() -> dict[str, str] | None:
+    """A label selector for the node this process runs on: the API binds here."""
+    name = ray.get_runtime_context().get_node_labels().get("corral.node")
+    return {"corral.node": name} if name else None
 
 
 def _url_host(host: str) -> str:

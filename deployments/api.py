@@ -7,13 +7,14 @@ any ``ModelBackend``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.backend import ModelBackend
 from deployments.errors import ApiError, classify, openai_body
@@ -41,6 +42,7 @@ def build_api(backend: ModelBackend, *, version: str = "dev") -> FastAPI:
         return RUNNING
 
     app.add_middleware(JsonBodies)
+    app.add_middleware(CancelOnDisconnect)
     app.add_exception_handler(CorralError, _error_handler)
     app.add_exception_handler(RequestValidationError, _error_handler)
     app.add_exception_handler(HTTPException, _http_error_handler)
@@ -63,6 +65,59 @@ class JsonBodies:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+class CancelOnDisconnect:
+    """Cancel a request whose client has gone, so its generation stops and frees the replica.
+
+    Streaming responses notice on their own (the next send fails); a client
+    waiting for a whole (non-streamed) answer is only noticed by listening for
+    ``http.disconnect`` while the handler works. The generation path cancels its
+    replica stream when it is cancelled (``deployments/backend.py``).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_read = asyncio.Event()
+        responded = client_gone = False
+
+        async def tracked_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                body_read.set()
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                responded = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
+
+        async def watch() -> None:
+            nonlocal client_gone
+            await body_read.wait()
+            while not responded:
+                if (await receive())["type"] == "http.disconnect" and not responded:
+                    client_gone = True
+                    handler.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise  # we were cancelled ourselves (server shutdown): pass it on
+            log.info("client went away; cancelled %s %s", scope["method"], scope["path"])
+        finally:
+            watcher.cancel()
 
 
 def error_response(path: str, error: ApiError) -> Response:

@@ -15,7 +15,7 @@ from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
-from deployments.replica import REPLICA_DEPLOYMENT, StreamEvent
+from deployments.replica import REPLICA_DEPLOYMENT, Refused, StreamEvent
 from nodes.engine import Embeddings, GenerateRequest
 from nodes.models import LocalModel
 
@@ -33,10 +33,11 @@ class ModelBackend(Protocol):
         ...
 
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
-        """Batches of events: ``[Admitted]`` first (or an exception), ``Finished`` last."""
+        """Batches of events: ``[Admitted]`` first, ``Finished`` last; or ``[Refused]``."""
         ...
 
-    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
+        """One vector per text, or ``Refused`` for input the model cannot take."""
         ...
 
 
@@ -84,6 +85,6 @@ class ServeBackend:
                 # so the replica is free for the next request.
                 stream.cancel()
 
-    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
         handle = await self._replica(model)
         return await handle.embed.remote(list(texts))

@@ -28,6 +28,7 @@ from ray.serve.deployment import Application
 
 from nodes.engine import (
     Embeddings,
+    Engine,
     EngineInfo,
     EngineSpec,
     Finished,
@@ -35,6 +36,7 @@ from nodes.engine import (
     GenerationEvent,
     load_engine,
 )
+from nodes.errors import CorralError
 
 log = logging.getLogger("corral.replica")
 
@@ -49,7 +51,18 @@ class Admitted:
     ahead: int  # generations queued or running before this one
 
 
-StreamEvent = Admitted | GenerationEvent
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The request cannot run (prompt too long, bad schema ...): the client's mistake.
+
+    Returned as data rather than raised so that Serve does not log a client's
+    mistake as a replica failure with a traceback.
+    """
+
+    error: CorralError
+
+
+StreamEvent = Admitted | Refused | GenerationEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,21 +78,18 @@ _END = object()
 
 
 class ModelReplica:
-    """Serve replica holding one loaded engine (see module docstring)."""
+    """One loaded engine behind an ordered queue (see module docstring).
 
-    def __init__(self, spec: EngineSpec) -> None:
-        self._spec = spec
-        self._engine = load_engine(spec)
+    Plain Python: ``ServedReplica`` is the Serve entry point that loads the
+    engine; tests may wrap any engine directly.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._pending = 0  # generations submitted and not finished
         self._cancels: set[threading.Event] = set()  # one per live generation
         self._outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
-        log.info(
-            "loaded %s (n_ctx=%d) in %.2fs",
-            spec.model,
-            self._engine.info.n_ctx,
-            self._engine.info.load_seconds,
-        )
 
     async def info(self) -> EngineInfo:
         return self._engine.info
@@ -88,10 +98,19 @@ class ModelReplica:
         return ReplicaStats(pending=self._pending, **self._outcomes)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
-        """Stream batches of events: ``[Admitted]`` first, ``Finished`` last."""
+        """Stream batches of events: ``[Admitted]`` first, ``Finished`` last.
+
+        A request that cannot run gets ``[Refused]`` as its only batch.
+        """
         loop = asyncio.get_running_loop()
-        # Tokenizing reads only the vocabulary, so it may run beside a generation.
-        tokens = await asyncio.to_thread(self._engine.encode, request)
+        try:
+            # Rendering the template and tokenizing read only the vocabulary, so they
+            # may run beside a generation; they take well under a millisecond for a
+            # chat turn, less than a hop to another thread would cost.
+            tokens = self._engine.encode(request)
+        except CorralError as exc:
+            yield [Refused(exc)]
+            return
         queue: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
         submitted = time.perf_counter()
@@ -121,11 +140,12 @@ class ModelReplica:
                 self._outcomes[outcome] += 1
                 put(_END)
 
-        yield [Admitted(prompt_tokens=len(tokens), ahead=self._pending)]
+        ahead = self._pending
         self._pending += 1
         self._cancels.add(cancel)
         self._executor.submit(work)
         try:
+            yield [Admitted(prompt_tokens=len(tokens), ahead=ahead)]
             while True:
                 batch = [await queue.get()]
                 while not queue.empty():
@@ -143,9 +163,12 @@ class ModelReplica:
             self._cancels.discard(cancel)
             self._pending -= 1
 
-    async def embed(self, texts: Sequence[str]) -> Embeddings:
+    async def embed(self, texts: Sequence[str]) -> Embeddings | Refused:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._engine.embed, list(texts))
+        try:
+            return await loop.run_in_executor(self._executor, self._engine.embed, list(texts))
+        except CorralError as exc:
+            return Refused(exc)
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown: stop what runs, drop what waits,
@@ -158,6 +181,17 @@ class ModelReplica:
             self._engine.close()
 
 
+class ServedReplica(ModelReplica):
+    """The Serve deployment: loads the engine ``spec`` names, then serves it."""
+
+    async def __init__(self, spec: EngineSpec) -> None:
+        # Loading can take minutes for a big model; keep the replica's event loop
+        # (health checks, Serve's control calls) responsive meanwhile.
+        engine = await asyncio.to_thread(load_engine, spec)
+        super().__init__(engine)
+        log.info("loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds)
+
+
 def replica_app(spec: EngineSpec, *, max_queue: int = 64, options: dict | None = None) -> Application:
     """The Serve application for one placement of ``spec``.
 
@@ -166,12 +200,14 @@ def replica_app(spec: EngineSpec, *, max_queue: int = 64, options: dict | None =
     """
     actor_options = {"num_cpus": 0, **(options or {})}
     deployment = serve.deployment(
-        ModelReplica,
+        ServedReplica,
         name=REPLICA_DEPLOYMENT,
         max_ongoing_requests=max_queue,
         ray_actor_options=actor_options,
         # A model load can take minutes on a slow disk; Serve must not give up first.
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=5,
+        # The ingress logs every request; a second line per request here is noise.
+        logging_config={"enable_access_log": False},
     )
     return deployment.bind(spec)

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from deployments.backend import ModelBackend
 from deployments.errors import openai_sse_error
 from deployments.openai import protocol as p
-from deployments.replica import Admitted, StreamEvent
+from deployments.replica import Admitted, Refused, StreamEvent
 from nodes.engine import (
     ChatMessage,
     Finished,
@@ -116,6 +116,8 @@ class OpenAIServing:
         _log_ignored(req)
         texts = embedding_inputs(req)
         result = await self._backend.embed(req.model, texts)
+        if isinstance(result, Refused):
+            raise result.error
         data = [
             p.EmbeddingData(index=i, embedding=_encode_vector(v, req.encoding_format))
             for i, v in enumerate(result.vectors)
@@ -137,10 +139,12 @@ class OpenAIServing:
         except BaseException:
             await stream.aclose()
             raise
-        if not (first and isinstance(first[0], Admitted)):
-            await stream.aclose()
-            raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
-        return stream
+        if first and isinstance(first[0], Admitted):
+            return stream
+        await stream.aclose()
+        if first and isinstance(first[0], Refused):
+            raise first[0].error
+        raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
 
     async def _stream_sse(
         self, stream: AsyncIterator[list[StreamEvent]], chunks: _Chunks

@@ -221,6 +221,23 @@ def test_client_disconnect_mid_stream_frees_the_replica(client, corral):
     assert r.choices[0].message.content
 
 
+def test_client_giving_up_on_a_whole_answer_frees_the_replica(corral):
+    before = replica_stats()
+    req = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}],
+        "temperature": 0,
+        "max_tokens": 1900,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{corral.url}/v1/chat/completions", json=req, timeout=2)
+    after = wait_for(
+        lambda: (s := replica_stats()).pending == 0 and s.cancelled > before.cancelled and s,
+        what="the replica to cancel the generation nobody waits for",
+    )
+    assert after.finished == before.finished  # it was stopped, not run to the end
+
+
 def test_requests_are_queued_in_order_not_cancelled(client):
     """Several concurrent streams on one replica all complete: none cancels another."""
     import concurrent.futures

@@ -1,6 +1,6 @@
 """A ``ModelBackend`` that runs replicas in this process, without Ray.
 
-It uses the real ``ModelReplica`` class (the same code Serve runs), so API
+It uses the real ``ModelReplica`` class (the code Serve runs), so API
 tests exercise the real queueing, batching and cancellation paths. Only the
 transport differs: direct calls instead of Serve handles.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 
-from deployments.replica import ModelReplica, StreamEvent
-from nodes.engine import Embeddings, EngineSpec, GenerateRequest
+from deployments.replica import ModelReplica, Refused, StreamEvent
+from nodes.engine import Embeddings, EngineSpec, GenerateRequest, load_engine
 from nodes.errors import ModelNotFound
 from nodes.models import LocalModel
 
@@ -24,7 +24,7 @@ class LocalBackend:
         if model not in self.specs:
             raise ModelNotFound(model)
         if model not in self.replicas:
-            self.replicas[model] = ModelReplica(self.specs[model])
+            self.replicas[model] = ModelReplica(load_engine(self.specs[model]))
         return self.replicas[model]
 
     async def list_models(self) -> list[LocalModel]:
@@ -34,5 +34,5 @@ class LocalBackend:
         async for batch in self.replica(model).generate(request):
             yield batch
 
-    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings:
+    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
         return await self.replica(model).embed(texts)
