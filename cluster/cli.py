@@ -77,7 +77,7 @@ def serve(
             dashboard=dashboard,
         )
     except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
@@ -87,7 +87,7 @@ def serve(
         try:
             running = start_corral(settings)
         except StartupError as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False)
+            console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     models = ", ".join(sorted(builtin_models()))
     console.print(

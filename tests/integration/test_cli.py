@@ -1,0 +1,122 @@
+"""The ``corral`` command as a user runs it: a real ``corral serve`` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+CORRAL = str(Path(sys.executable).with_name("corral"))
+
+
+def ray_core_pids() -> set[int]:
+    names = {"gcs_server", "raylet"}
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in names}
+
+
+def corral_env(tmp_path: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "RAY_"))}
+    return {**env, "CORRAL_HOST": f"127.0.0.1:{port}", "CORRAL_STATE_DIR": str(tmp_path / "state")}
+
+
+def test_version_and_help():
+    out = subprocess.run([CORRAL, "--version"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("corral ")
+    help_text = subprocess.run([CORRAL, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "serve" in help_text
+    serve_help = subprocess.run([CORRAL, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--host" in serve_help and "OLLAMA_HOST" in serve_help
+
+
+def test_corral_serve_serves_the_starter_model_and_stops_cleanly(tmp_path):
+    port = free_port()
+    before = ray_core_pids()
+    proc = subprocess.Popen(
+        [CORRAL, "serve", "--no-dashboard", "--num-threads", "2"],
+        env=corral_env(tmp_path, port),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url, timeout=2).text == "Corral is running":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "corral serve did not answer within 180 s"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["smollm2:135m"]
+        reply = client.chat.completions.create(
+            model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+        assert reply.choices[0].message.content
+        # The Ray token lives in the state dir, readable by its owner only.
+        token = tmp_path / "state" / "ray-token"
+        assert token.stat().st_mode & 0o777 == 0o600
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, output[-3000:]
+    assert "is serving on" in output and "Stopping Corral" in output
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, timeout=2)
+    # Its private Ray cluster is gone with it (the test session's own cluster stays).
+    leftover = set()
+    for _ in range(50):
+        leftover = ray_core_pids() - before
+        if not leftover:
+            break
+        time.sleep(0.2)
+    assert not leftover
+
+
+def test_broken_config_names_the_line_and_exits_2(tmp_path):
+    cfg = tmp_path / "corral.yaml"
+    cfg.write_text("host: 127.0.0.1:11434\nnum_ctx: 4096\nthreads: 2\n")
+    r = subprocess.run(
+        [CORRAL, "serve", "--config", str(cfg)],
+        env=corral_env(tmp_path, free_port()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert f"{cfg}:3: threads: unknown setting" in r.stderr.replace("\n", "")
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [CORRAL, "serve", "--no-dashboard"],
+            env=corral_env(tmp_path, port),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in r.stderr.replace("\n", "")
+    assert "CORRAL_HOST" in r.stderr.replace("\n", "")
