@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from pathlib import Path
@@ -65,6 +64,7 @@ def serve(
     """
     from cluster.server import StartupError, corral_version, start_corral
     from cluster.settings import load_settings
+    from nodes.logs import setup_logging
     from nodes.models import builtin_models
 
     try:
@@ -79,7 +79,7 @@ def serve(
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -24,6 +24,7 @@ from deployments.replica import replica_app
 from nodes.engine import EngineSpec
 from nodes.errors import ModelLoadFailed, ModelNotFound
 from nodes.gguf import check_gguf
+from nodes.logs import setup_logging
 from nodes.models import LocalModel, builtin_models, normalize_name
 
 log = logging.getLogger("corral.controller")
@@ -39,7 +40,7 @@ class Controller:
     """Owns the model catalog and the replicas (see module docstring)."""
 
     def __init__(self, settings: CorralSettings) -> None:
-        logging.basicConfig(level=settings.log_level.upper())
+        setup_logging(settings.log_level)
         self._settings = settings
         self._catalog: dict[str, LocalModel] = builtin_models()
         self._running: dict[str, str] = {}  # model -> Serve application name
@@ -84,7 +85,9 @@ class Controller:
         model = self._catalog[name]
         check_gguf(model.path)  # a clear error now beats a replica crash loop later
         app_name = app_name_for(name)
-        app = replica_app(self._spec(model), max_queue=self._settings.max_queue)
+        app = replica_app(
+            self._spec(model), max_queue=self._settings.max_queue, log_level=self._settings.log_level
+        )
         log.info("cold start: loading %s (%s) as %s", name, model.path, app_name)
         started = time.monotonic()
         try:

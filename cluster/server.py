@@ -86,7 +86,9 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
         # No Serve HTTP proxy: the ingress serves the API itself (deployments/ingress.py).
         serve.start(proxy_location="Disabled")
         start_controller(settings)
-        config = IngressConfig(host=host, port=port, version=corral_version())
+        config = IngressConfig(
+            host=host, port=port, version=corral_version(), log_level=settings.log_level
+        )
         serve.run(ingress_app(config, node_labels=_this_node()), name=INGRESS_APP, route_prefix=None)
         _wait_until_answering(running.url, timeout=60)
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +24,7 @@ from deployments.openai.serving import OpenAIServing
 from nodes.errors import CorralError
 
 log = logging.getLogger("corral.api")
+access_log = logging.getLogger("corral.access")
 
 RUNNING = "Corral is running"
 
@@ -43,6 +45,7 @@ def build_api(backend: ModelBackend, *, version: str = "dev") -> FastAPI:
 
     app.add_middleware(JsonBodies)
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(AccessLog)
     app.add_exception_handler(CorralError, _error_handler)
     app.add_exception_handler(RequestValidationError, _error_handler)
     app.add_exception_handler(HTTPException, _http_error_handler)
@@ -65,6 +68,32 @@ class JsonBodies:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request once its response is complete (streams: when they end)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def logged_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            ms = 1000 * (time.perf_counter() - started)
+            access_log.info("%s %s %s %.1fms", scope["method"], scope["path"], status or "-", ms)
 
 
 class CancelOnDisconnect:

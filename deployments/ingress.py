@@ -25,6 +25,7 @@ from ray.serve.deployment import Application
 
 from deployments.api import build_api
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ServeBackend
+from nodes.logs import setup_logging
 
 log = logging.getLogger("corral.ingress")
 
@@ -36,6 +37,7 @@ class IngressConfig:
     host: str
     port: int
     version: str = "dev"
+    log_level: str = "info"
     controller: str = CONTROLLER_ACTOR
     namespace: str = NAMESPACE
 
@@ -64,6 +66,7 @@ class Ingress:
     """Serve deployment running the HTTP API (``build_api``) on its own socket."""
 
     async def __init__(self, config: IngressConfig) -> None:
+        setup_logging(config.log_level)
         app = build_api(ServeBackend(config.controller, config.namespace), version=config.version)
         self._server = _EmbeddedServer(
             uvicorn.Config(

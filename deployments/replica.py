@@ -37,6 +37,7 @@ from nodes.engine import (
     load_engine,
 )
 from nodes.errors import CorralError
+from nodes.logs import setup_logging
 
 log = logging.getLogger("corral.replica")
 
@@ -46,9 +47,6 @@ REPLICA_DEPLOYMENT = "ModelReplica"
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """First event of every stream: the prompt was valid and the work is queued."""
-
-    prompt_tokens: int
-    ahead: int  # generations queued or running before this one
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +71,7 @@ class ReplicaStats:
     finished: int  # generations that ran to a stop or length limit
     cancelled: int  # generations stopped because the caller went away
     failed: int  # generations that raised
+
 
 _END = object()
 
@@ -140,12 +139,11 @@ class ModelReplica:
                 self._outcomes[outcome] += 1
                 put(_END)
 
-        ahead = self._pending
         self._pending += 1
         self._cancels.add(cancel)
         self._executor.submit(work)
         try:
-            yield [Admitted(prompt_tokens=len(tokens), ahead=ahead)]
+            yield [Admitted()]
             while True:
                 batch = [await queue.get()]
                 while not queue.empty():
@@ -184,7 +182,8 @@ class ModelReplica:
 class ServedReplica(ModelReplica):
     """The Serve deployment: loads the engine ``spec`` names, then serves it."""
 
-    async def __init__(self, spec: EngineSpec) -> None:
+    async def __init__(self, spec: EngineSpec, log_level: str = "info") -> None:
+        setup_logging(log_level)
         # Loading can take minutes for a big model; keep the replica's event loop
         # (health checks, Serve's control calls) responsive meanwhile.
         engine = await asyncio.to_thread(load_engine, spec)
@@ -192,7 +191,9 @@ class ServedReplica(ModelReplica):
         log.info("loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds)
 
 
-def replica_app(spec: EngineSpec, *, max_queue: int = 64, options: dict | None = None) -> Application:
+def replica_app(
+    spec: EngineSpec, *, max_queue: int = 64, log_level: str = "info", options: dict | None = None
+) -> Application:
     """The Serve application for one placement of ``spec``.
 
     ``max_queue`` bounds the requests a replica holds (running + waiting);
@@ -210,4 +211,4 @@ def replica_app(spec: EngineSpec, *, max_queue: int = 64, options: dict | None =
         # The ingress logs every request; a second line per request here is noise.
         logging_config={"enable_access_log": False},
     )
-    return deployment.bind(spec)
+    return deployment.bind(spec, log_level)

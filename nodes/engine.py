@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
 from nodes.errors import ContextLengthExceeded, InvalidRequest
 
@@ -60,7 +60,6 @@ class GenerateRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = ""
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -135,7 +134,6 @@ class EngineSpec:
     options: dict[str, Any] = field(default_factory=dict)  # engine-specific extras
 
 
-@runtime_checkable
 class Engine(Protocol):
     """A loaded model that can tokenize, generate and embed, one call at a time."""
 
