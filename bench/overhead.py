@@ -127,10 +127,18 @@ def measure(chunks: Iterator[tuple[str, bool]], started: float, n_tokens: int) -
 # -- the stacks ----------------------------------------------------------------------
 
 
-def in_process_stack(threads: int) -> tuple[Callable[[str, int], Stream], Callable[[], None], object]:
+def in_process_stack(
+    threads: int,
+) -> tuple[Callable[[str, int], Stream], Callable[[], None], object]:
     from llama_cpp import Llama
 
-    llm = Llama(str(starter_model_path()), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(
+        str(starter_model_path()),
+        n_ctx=N_CTX,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     lock = threading.Lock()  # one context, one sequence: callers take turns, as in a server
 
     def run(prompt: str, n_tokens: int) -> Stream:
@@ -138,10 +146,16 @@ def in_process_stack(threads: int) -> tuple[Callable[[str, int], Stream], Callab
         with lock:
             stream = llm.create_chat_completion(
                 messages=[{"role": "user", "content": prompt}],
-                max_tokens=MAX_TOKENS, temperature=0, seed=SEED, stream=True,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                seed=SEED,
+                stream=True,
             )
             pieces = (
-                (c["choices"][0]["delta"].get("content") or "", c["choices"][0]["finish_reason"] is not None)
+                (
+                    c["choices"][0]["delta"].get("content") or "",
+                    c["choices"][0]["finish_reason"] is not None,
+                )
                 for c in stream
             )
             return measure(pieces, started, n_tokens)
@@ -150,15 +164,27 @@ def in_process_stack(threads: int) -> tuple[Callable[[str, int], Stream], Callab
 
 
 def engine_stack(threads: int) -> tuple[Callable[[str, int], Stream], Callable[[], None]]:
-    from nodes.engine import ChatMessage, EngineSpec, GenerateRequest, SamplingParams, TextDelta, load_engine
+    from nodes.engine import (
+        ChatMessage,
+        EngineSpec,
+        GenerateRequest,
+        SamplingParams,
+        TextDelta,
+        load_engine,
+    )
 
-    engine = load_engine(EngineSpec(model=STARTER_MODEL, path=str(starter_model_path()), n_ctx=N_CTX,
-                                    n_threads=threads))
+    engine = load_engine(
+        EngineSpec(
+            model=STARTER_MODEL, path=str(starter_model_path()), n_ctx=N_CTX, n_threads=threads
+        )
+    )
     lock = threading.Lock()
 
     def run(prompt: str, n_tokens: int) -> Stream:
-        req = GenerateRequest(messages=(ChatMessage("user", prompt),),
-                              params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0, seed=SEED))
+        req = GenerateRequest(
+            messages=(ChatMessage("user", prompt),),
+            params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0, seed=SEED),
+        )
         started = time.perf_counter()
         with lock:
             events = engine.generate(engine.encode(req), req.params, threading.Event())
@@ -175,7 +201,10 @@ def sse_stack(url: str) -> Callable[[str, int], Stream]:
         body = {
             "model": STARTER_MODEL,
             "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": MAX_TOKENS, "temperature": 0, "seed": SEED, "stream": True,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "seed": SEED,
+            "stream": True,
             # llama_cpp.server defaults to 1.1; the library (and so the reference) to 1.0.
             "repeat_penalty": 1.0,
         }
@@ -199,7 +228,10 @@ def _sse_pieces(lines: Iterator[str]) -> Iterator[tuple[str, bool]]:
         if "error" in data:
             raise StreamError(data["error"].get("message", "error event"))
         for choice in data.get("choices", []):
-            yield (choice.get("delta") or {}).get("content") or "", choice.get("finish_reason") is not None
+            yield (
+                (choice.get("delta") or {}).get("content") or "",
+                choice.get("finish_reason") is not None,
+            )
 
 
 def free_port() -> int:
@@ -222,10 +254,27 @@ def wait_http(url: str, timeout: float = 120) -> None:
 def start_llama_server(threads: int) -> tuple[str, subprocess.Popen]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(starter_model_path()),
-         "--model_alias", STARTER_MODEL, "--n_ctx", str(N_CTX), "--n_threads", str(threads),
-         "--n_threads_batch", str(threads), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(starter_model_path()),
+            "--model_alias",
+            STARTER_MODEL,
+            "--n_ctx",
+            str(N_CTX),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/v1/models")
@@ -237,7 +286,10 @@ def start_corral_stack(threads: int):
     from cluster.settings import load_settings
 
     settings = load_settings(
-        host=f"127.0.0.1:{free_port()}", num_ctx=N_CTX, num_threads=threads, dashboard=False,
+        host=f"127.0.0.1:{free_port()}",
+        num_ctx=N_CTX,
+        num_threads=threads,
+        dashboard=False,
         state_dir=tempfile.mkdtemp(prefix="corral-bench-"),
     )
     return start_corral(settings)
@@ -246,8 +298,13 @@ def start_corral_stack(threads: int):
 # -- driver -----------------------------------------------------------------------------
 
 
-def run_stack(name: str, run: Callable[[str, int], Stream], lengths: dict[str, int],
-              reference: dict[str, str], rounds: int) -> list[Result]:
+def run_stack(
+    name: str,
+    run: Callable[[str, int], Stream],
+    lengths: dict[str, int],
+    reference: dict[str, str],
+    rounds: int,
+) -> list[Result]:
     for prompt in PROMPTS[:2]:  # warm up: load, caches, connections
         run(prompt, lengths[prompt])
     results = []
@@ -256,30 +313,45 @@ def run_stack(name: str, run: Callable[[str, int], Stream], lengths: dict[str, i
         jobs = [p for _ in range(rounds) for p in PROMPTS]
         started = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            for prompt, stream in zip(jobs, pool.map(lambda p: run(p, lengths[p]), jobs)):
+            streams = pool.map(lambda p: run(p, lengths[p]), jobs)
+            for prompt, stream in zip(jobs, streams, strict=True):
                 stream.same_text = stream.error is None and stream.text == reference[prompt]
                 result.streams.append(stream)
         result.wall = time.perf_counter() - started
         results.append(result)
-        print(f"  {name:13s} c={concurrency}: {result.summary()['decode_tps_median']:.1f} tok/s, "
-              f"{result.failed} failed", flush=True)
+        print(
+            f"  {name:13s} c={concurrency}: {result.summary()['decode_tps_median']:.1f} tok/s, "
+            f"{result.failed} failed",
+            flush=True,
+        )
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--rounds", type=int, default=3, help="passes over the prompts per concurrency")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="passes over the prompts per concurrency"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
-    print(f"threads={args.threads} max_tokens={MAX_TOKENS} seed={SEED} prompts={len(PROMPTS)} "
-          f"rounds={args.rounds}", flush=True)
+    print(
+        f"threads={args.threads} max_tokens={MAX_TOKENS} seed={SEED} prompts={len(PROMPTS)} "
+        f"rounds={args.rounds}",
+        flush=True,
+    )
     run_inproc, close_inproc, llm = in_process_stack(args.threads)
     lengths, reference = {}, {}
     for prompt in PROMPTS:  # the reference text and token count of each prompt
-        r = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}],
-                                       max_tokens=MAX_TOKENS, temperature=0, seed=SEED)
+        r = llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            seed=SEED,
+        )
         lengths[prompt] = r["usage"]["completion_tokens"]
         reference[prompt] = r["choices"][0]["message"]["content"]
     results = run_stack("in-process", run_inproc, lengths, reference, args.rounds)
@@ -308,23 +380,34 @@ def report(results: list[Result], args: argparse.Namespace, lengths: dict[str, i
     rows = [r.summary() for r in results]
     base = {row["concurrency"]: row for row in rows if row["stack"] == "in-process"}
     print()
-    print(f"{'stack':13s} {'conc':>4s} {'streams':>7s} {'failed':>6s} {'same':>4s} {'decode tok/s':>12s} "
-          f"{'TTFT ms':>8s} {'agg tok/s':>9s} {'decode x':>8s} {'TTFT +ms':>8s}")
+    columns = [  # header, key, format (the header sets the width)
+        ("stack        ", "stack", "{:13s}"),
+        ("conc", "concurrency", "{:>4d}"),
+        ("streams", "streams", "{:>7d}"),
+        ("failed", "failed", "{:>6d}"),
+        ("same", "same_text", "{:>4d}"),
+        ("decode tok/s", "decode_tps_median", "{:>12.1f}"),
+        ("TTFT ms", "ttft_ms_median", "{:>7.1f}"),
+        ("agg tok/s", "aggregate_tps", "{:>9.1f}"),
+        ("decode x", "decode_ratio_vs_in_process", "{:>8.3f}"),
+        ("TTFT +ms", "ttft_ms_over_in_process", "{:>+8.1f}"),
+    ]
+    print(" ".join(header for header, _, _ in columns))
     for row in rows:
         b = base[row["concurrency"]]
         ratio = row["decode_tps_median"] / b["decode_tps_median"] if b["decode_tps_median"] else 0
         row["decode_ratio_vs_in_process"] = ratio
         row["ttft_ms_over_in_process"] = row["ttft_ms_median"] - b["ttft_ms_median"]
-        print(f"{row['stack']:13s} {row['concurrency']:4d} {row['streams']:7d} {row['failed']:6d} {row['same_text']:4d} "
-              f"{row['decode_tps_median']:12.1f} {row['ttft_ms_median']:8.1f} {row['aggregate_tps']:9.1f} "
-              f"{ratio:8.3f} {row['ttft_ms_over_in_process']:+8.1f}")
+        print(" ".join(fmt.format(row[key]) for _, key, fmt in columns))
     corral1 = next(r for r in rows if r["stack"] == "corral" and r["concurrency"] == 1)
     corral4 = next(r for r in rows if r["stack"] == "corral" and r["concurrency"] == 4)
     engine1 = next(r for r in rows if r["stack"] == "engine" and r["concurrency"] == 1)
     serving_ratio = corral1["decode_tps_median"] / engine1["decode_tps_median"]
     serving_ttft = corral1["ttft_ms_median"] - engine1["ttft_ms_median"]
-    print(f"\ncorral vs its own engine in process (serving cost alone): decode x{serving_ratio:.3f}, "
-          f"TTFT {serving_ttft:+.1f} ms")
+    print(
+        f"\ncorral vs its own engine in process (serving cost alone): decode x{serving_ratio:.3f}, "
+        f"TTFT {serving_ttft:+.1f} ms"
+    )
     targets = {
         "decode_ratio_ge_0.95": corral1["decode_ratio_vs_in_process"] >= 0.95,
         "ttft_within_20ms": corral1["ttft_ms_over_in_process"] <= 20,
@@ -335,12 +418,22 @@ def report(results: list[Result], args: argparse.Namespace, lengths: dict[str, i
         print(f"  {'PASS' if ok else 'FAIL'}  {name}")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({
-        "threads": args.threads, "max_tokens": MAX_TOKENS, "seed": SEED, "rounds": args.rounds,
-        "cpu_count": os.cpu_count(), "tokens_per_prompt": list(lengths.values()),
-        "results": rows, "targets": targets,
-        "corral_vs_engine": {"decode_ratio": serving_ratio, "ttft_ms_over": serving_ttft},
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "threads": args.threads,
+                "max_tokens": MAX_TOKENS,
+                "seed": SEED,
+                "rounds": args.rounds,
+                "cpu_count": os.cpu_count(),
+                "tokens_per_prompt": list(lengths.values()),
+                "results": rows,
+                "targets": targets,
+                "corral_vs_engine": {"decode_ratio": serving_ratio, "ttft_ms_over": serving_ttft},
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
 
 

@@ -86,7 +86,9 @@ class Controller:
         check_gguf(model.path)  # a clear error now beats a replica crash loop later
         app_name = app_name_for(name)
         app = replica_app(
-            self._spec(model), max_queue=self._settings.max_queue, log_level=self._settings.log_level
+            self._spec(model),
+            max_queue=self._settings.max_queue,
+            log_level=self._settings.log_level,
         )
         log.info("cold start: loading %s (%s) as %s", name, model.path, app_name)
         started = time.monotonic()

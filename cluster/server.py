@@ -25,6 +25,7 @@ from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
 
 log = logging.getLogger("corral.server")
 
+
 class StartupError(Exception):
     """Corral could not start; the message says what to fix."""
 
@@ -89,7 +90,9 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
         config = IngressConfig(
             host=host, port=port, version=corral_version(), log_level=settings.log_level
         )
-        serve.run(ingress_app(config, node_labels=_this_node()), name=INGRESS_APP, route_prefix=None)
+        serve.run(
+            ingress_app(config, node_labels=_this_node()), name=INGRESS_APP, route_prefix=None
+        )
         _wait_until_answering(running.url, timeout=60)
     except BaseException:
         running.stop()

@@ -54,7 +54,7 @@ class CorralSettings(BaseSettings):
         default=64,
         ge=1,
         le=100_000,
-        description="Requests one replica holds (running + waiting) before more wait at the ingress.",
+        description="Requests one replica holds (running + waiting); more wait at the ingress.",
     )
     load_timeout: float = Field(
         default=600.0,

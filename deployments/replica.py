@@ -188,7 +188,9 @@ class ServedReplica(ModelReplica):
         # (health checks, Serve's control calls) responsive meanwhile.
         engine = await asyncio.to_thread(load_engine, spec)
         super().__init__(engine)
-        log.info("loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds)
+        log.info(
+            "loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds
+        )
 
 
 def replica_app(

@@ -64,8 +64,7 @@ class ModelNotFound(CorralError):
 
     def __init__(self, model: str) -> None:
         super().__init__(
-            f"The model '{model}' does not exist. List the available models with "
-            f"GET /v1/models.",
+            f"The model '{model}' does not exist. List the available models with GET /v1/models.",
             param="model",
         )
         self.model = model

@@ -45,6 +45,7 @@ from nodes.gguf import check_gguf
 
 log = logging.getLogger(__name__)
 
+
 def default_threads() -> int:
     """Physical cores: llama.cpp gets slower, not faster, on hyper-threads."""
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
@@ -81,7 +82,9 @@ class LlamaCppEngine:
         arch = metadata.get("general.architecture", "")
         n_ctx_train = int(metadata.get(f"{arch}.context_length", self._llm.n_ctx()))
         if spec.n_ctx > n_ctx_train:
-            log.warning("%s: context %d exceeds the trained %d", spec.model, spec.n_ctx, n_ctx_train)
+            log.warning(
+                "%s: context %d exceeds the trained %d", spec.model, spec.n_ctx, n_ctx_train
+            )
         self._pooling = int(metadata.get(f"{arch}.pooling_type", llama_cpp.LLAMA_POOLING_TYPE_MEAN))
         if self._pooling == llama_cpp.LLAMA_POOLING_TYPE_NONE:
             self._pooling = llama_cpp.LLAMA_POOLING_TYPE_MEAN

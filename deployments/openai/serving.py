@@ -98,7 +98,9 @@ class OpenAIServing:
         echo = greq.prompt if req.echo else ""
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream_sse(stream, _CompletionChunks(rid, created, req.model, echo, include_usage))
+            return self._stream_sse(
+                stream, _CompletionChunks(rid, created, req.model, echo, include_usage)
+            )
         result = await _gather(stream)
         return p.Completion(
             id=rid,

@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 
+from tests.support.vectors import dot
+
 MODEL = "smollm2:135m"
 MESSAGES = [
     {"role": "system", "content": "You answer in one short sentence."},
@@ -46,7 +48,9 @@ def test_chat_completion(client):
 
 
 def test_streaming_chat_gives_the_same_answer_token_by_token(client):
-    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=32)
+    whole = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=32
+    )
     stream = client.chat.completions.create(
         model=MODEL,
         messages=MESSAGES,
@@ -59,31 +63,43 @@ def test_streaming_chat_gives_the_same_answer_token_by_token(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 3  # really streamed
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["stop"]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_seeded_sampling_is_reproducible(client):
-    ask = lambda: client.chat.completions.create(  # noqa: E731
-        model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}],
-        temperature=1.0, seed=1234, max_tokens=16,
-    ).choices[0].message.content
-    assert ask() == ask()
+    def ask(seed: int) -> str:
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Name a fruit."}],
+            temperature=1.0,
+            seed=seed,
+            max_tokens=16,
+        )
+        return r.choices[0].message.content
+
+    assert ask(1234) == ask(1234)
 
 
 def test_stop_sequences(client):
     r = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Count from 1 to 10, separated by commas."}],
-        temperature=0, max_tokens=40, stop=["5"],
+        temperature=0,
+        max_tokens=40,
+        stop=["5"],
     )
     assert "4" in r.choices[0].message.content and "5" not in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
 
 
 def test_text_completion(client):
-    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0)
+    r = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     assert r.object == "text_completion" and "Paris" in r.choices[0].text
     assert r.choices[0].finish_reason in ("length", "stop")
     streamed = client.completions.create(
@@ -93,11 +109,12 @@ def test_text_completion(client):
 
 
 def test_embeddings(client):
-    r = client.embeddings.create(model=MODEL, input=["The cat sleeps.", "A cat is sleeping.", "Taxes rose."])
+    r = client.embeddings.create(
+        model=MODEL, input=["The cat sleeps.", "A cat is sleeping.", "Taxes rose."]
+    )
     vectors = [d.embedding for d in r.data]
     assert [d.index for d in r.data] == [0, 1, 2] and all(len(v) == 576 for v in vectors)
     assert all(math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-3) for v in vectors)
-    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
     assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
     assert r.usage.prompt_tokens > 0
 

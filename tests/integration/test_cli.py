@@ -33,9 +33,13 @@ def corral_env(tmp_path: Path, port: int) -> dict[str, str]:
 def test_version_and_help():
     out = subprocess.run([CORRAL, "--version"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("corral ")
-    help_text = subprocess.run([CORRAL, "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [CORRAL, "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "serve" in help_text
-    serve_help = subprocess.run([CORRAL, "serve", "--help"], capture_output=True, text=True, check=True).stdout
+    serve_help = subprocess.run(
+        [CORRAL, "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--host" in serve_help and "OLLAMA_HOST" in serve_help
 
 

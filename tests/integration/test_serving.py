@@ -64,14 +64,23 @@ def test_ray_runs_with_token_auth(corral):
     probe = [sys.executable, "-c", f"import ray; ray.init(address={address!r}); print('joined')"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
     wrong = subprocess.run(
-        probe, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
-        capture_output=True, text=True, timeout=120,
+        probe,
+        env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert wrong.returncode != 0 and "joined" not in wrong.stdout
     right = subprocess.run(
-        probe, env={**env, "RAY_AUTH_MODE": "token",
-                    "RAY_AUTH_TOKEN_PATH": str(corral.settings.state_path / "ray-token")},
-        capture_output=True, text=True, timeout=120,
+        probe,
+        env={
+            **env,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(corral.settings.state_path / "ray-token"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert right.returncode == 0 and "joined" in right.stdout, right.stderr[-2000:]
 
@@ -107,9 +116,14 @@ def test_client_giving_up_on_a_whole_answer_frees_the_replica(client, corral):
 
 def test_concurrent_requests_queue_first_come_first_served(client, corral):
     """A replica runs one generation at a time; later requests wait, none is cancelled."""
+
     def one(i: int) -> tuple[int, float, dict]:
         time.sleep(0.3 * i)  # arrive in order 0, 1, 2, 3
-        body = {**LONG_REQUEST, "max_tokens": 40, "messages": [{"role": "user", "content": f"Story {i}."}]}
+        body = {
+            **LONG_REQUEST,
+            "max_tokens": 40,
+            "messages": [{"role": "user", "content": f"Story {i}."}],
+        }
         r = httpx.post(f"{corral.url}/v1/chat/completions", json=body, timeout=120)
         return i, time.monotonic(), r.json()
 
@@ -124,7 +138,8 @@ def test_concurrent_requests_queue_first_come_first_served(client, corral):
 def test_a_replica_dying_mid_stream_ends_the_stream_with_one_error_event(corral, client):
     """Runs last in this module: it kills the replica (Serve starts a new one)."""
     replicas = [
-        a for a in ray.util.list_named_actors(all_namespaces=True)
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
         if REPLICA_DEPLOYMENT in a["name"] and "model-" in a["name"]
     ]
     assert len(replicas) == 1

@@ -28,9 +28,14 @@ class LocalBackend:
         return self.replicas[model]
 
     async def list_models(self) -> list[LocalModel]:
-        return [LocalModel(name=s.model, path=s.path, size=0, modified_at=0.0) for s in self.specs.values()]
+        return [
+            LocalModel(name=s.model, path=s.path, size=0, modified_at=0.0)
+            for s in self.specs.values()
+        ]
 
-    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
+    async def generate(
+        self, model: str, request: GenerateRequest
+    ) -> AsyncIterator[list[StreamEvent]]:
         async for batch in self.replica(model).generate(request):
             yield batch
 

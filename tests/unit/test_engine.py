@@ -24,11 +24,14 @@ from nodes.engine import (
 )
 from nodes.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
 from nodes.fake_engine import EngineFault, FakeEngine
+from tests.support.vectors import dot
 
 
 def run(engine: Engine, request: GenerateRequest, cancel: threading.Event | None = None):
     """Text and the Finished event of one generation."""
-    events = list(engine.generate(engine.encode(request), request.params, cancel or threading.Event()))
+    events = list(
+        engine.generate(engine.encode(request), request.params, cancel or threading.Event())
+    )
     assert isinstance(events[-1], Finished), "every generation ends with exactly one Finished"
     assert all(isinstance(e, TextDelta) for e in events[:-1])
     return "".join(e.text for e in events[:-1]), events[-1]
@@ -50,7 +53,9 @@ def reference(starter_path: Path):
 
 @pytest.fixture(scope="module")
 def llama(starter_path: Path):
-    engine = load_engine(EngineSpec(model="smollm2:135m", path=str(starter_path), n_ctx=512, n_threads=2))
+    engine = load_engine(
+        EngineSpec(model="smollm2:135m", path=str(starter_path), n_ctx=512, n_threads=2)
+    )
     yield engine
     engine.close()
 
@@ -102,7 +107,9 @@ def test_max_tokens_stops_with_reason_length(llama):
 
 
 def test_same_seed_same_text_and_other_seed_differs(llama):
-    req = lambda seed: chat("Invent a name for a cat.", temperature=1.0, max_tokens=24, seed=seed)  # noqa: E731
+    def req(seed: int) -> GenerateRequest:
+        return chat("Invent a name for a cat.", temperature=1.0, max_tokens=24, seed=seed)
+
     first, _ = run(llama, req(7))
     again, _ = run(llama, req(7))
     others = {run(llama, req(s))[0] for s in (8, 9, 10)}
@@ -111,7 +118,9 @@ def test_same_seed_same_text_and_other_seed_differs(llama):
 
 
 def test_stop_sequence_cuts_the_text_before_it(llama):
-    req = chat("Count from 1 to 10, separated by commas.", temperature=0, max_tokens=40, stop=("5",))
+    req = chat(
+        "Count from 1 to 10, separated by commas.", temperature=0, max_tokens=40, stop=("5",)
+    )
     text, done = run(llama, req)
     assert done.reason == "stop"
     assert "4" in text and "5" not in text
@@ -131,13 +140,17 @@ def test_sampling_settings_reach_llama_cpp_exactly(llama, reference, params):
     # Same seed and settings as llama-cpp-python's own create_completion: same text.
     prompt = "Once upon a time, in a small village,"
     ref = reference.create_completion(prompt, max_tokens=24, **params)
-    text, done = run(llama, GenerateRequest(prompt=prompt, params=SamplingParams(max_tokens=24, **params)))
+    text, done = run(
+        llama, GenerateRequest(prompt=prompt, params=SamplingParams(max_tokens=24, **params))
+    )
     assert text == ref["choices"][0]["text"]
     assert done.usage.completion_tokens == ref["usage"]["completion_tokens"]
 
 
 def test_completion_of_a_raw_prompt(llama):
-    req = GenerateRequest(prompt="The capital of France is", params=SamplingParams(temperature=0, max_tokens=4))
+    req = GenerateRequest(
+        prompt="The capital of France is", params=SamplingParams(temperature=0, max_tokens=4)
+    )
     text, done = run(llama, req)
     assert "Paris" in text
     assert done.usage.completion_tokens <= 4
@@ -149,10 +162,17 @@ def test_json_mode_and_json_schema_constrain_the_output(llama):
         "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
         "required": ["city", "population"],
     }
-    text, _ = run(llama, chat("The biggest city of France as JSON.", temperature=0, max_tokens=60, json_schema=schema))
+    text, _ = run(
+        llama,
+        chat(
+            "The biggest city of France as JSON.", temperature=0, max_tokens=60, json_schema=schema
+        ),
+    )
     data = json.loads(text)
     assert set(data) == {"city", "population"} and isinstance(data["population"], int)
-    text, done = run(llama, chat("Describe Paris as JSON.", temperature=0, max_tokens=200, json_mode=True))
+    text, done = run(
+        llama, chat("Describe Paris as JSON.", temperature=0, max_tokens=200, json_mode=True)
+    )
     if done.reason == "stop":
         assert isinstance(json.loads(text), dict)
     else:
@@ -173,7 +193,9 @@ def test_prompt_longer_than_the_context_is_refused(llama):
 
 def test_generation_never_overruns_the_context(llama):
     prompt = "Tell me everything about the history of Rome. " * 20
-    req = GenerateRequest(prompt=prompt, params=SamplingParams(max_tokens=10_000, temperature=0, seed=1))
+    req = GenerateRequest(
+        prompt=prompt, params=SamplingParams(max_tokens=10_000, temperature=0, seed=1)
+    )
     tokens = llama.encode(req)
     text, done = run(llama, req)
     assert done.usage.prompt_tokens + done.usage.completion_tokens <= 512
@@ -196,15 +218,18 @@ def test_cancel_stops_generation_at_the_next_token(llama):
 
 
 def test_embeddings_are_normalised_vectors_of_the_model_width(llama):
-    emb = llama.embed(["The cat sits on the mat.", "A cat is sitting on a mat.", "Stock prices fell."])
+    emb = llama.embed(
+        ["The cat sits on the mat.", "A cat is sitting on a mat.", "Stock prices fell."]
+    )
     assert len(emb.vectors) == 3 and all(len(v) == 576 for v in emb.vectors)
     for v in emb.vectors:
         assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-3)
-    cos = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
-    assert cos(emb.vectors[0], emb.vectors[1]) > cos(emb.vectors[0], emb.vectors[2])
+    assert dot(emb.vectors[0], emb.vectors[1]) > dot(emb.vectors[0], emb.vectors[2])
     assert emb.prompt_tokens > 10
     # Embedding uses its own context: chat still works, with its prompt cache intact.
-    req = GenerateRequest(prompt="The capital of France is", params=SamplingParams(temperature=0, max_tokens=4))
+    req = GenerateRequest(
+        prompt="The capital of France is", params=SamplingParams(temperature=0, max_tokens=4)
+    )
     text, _ = run(llama, req)
     assert "Paris" in text
 

@@ -49,7 +49,11 @@ def test_chat_request_maps_every_sampling_field():
     params = chat_to_engine(greq).params
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (50, 0.3, 0.9, 20)
     assert (params.min_p, params.seed, params.stop) == (0.1, 7, ("END",))
-    assert (params.presence_penalty, params.frequency_penalty, params.repeat_penalty) == (0.5, 0.25, 1.1)
+    assert (params.presence_penalty, params.frequency_penalty, params.repeat_penalty) == (
+        0.5,
+        0.25,
+        1.1,
+    )
 
 
 def test_unset_fields_keep_llama_cpp_defaults_and_max_completion_tokens_wins():
@@ -64,7 +68,10 @@ def test_messages_become_text_turns():
         chat_req(
             messages=[
                 {"role": "developer", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
                 {"role": "assistant", "content": None},
             ]
         )
@@ -83,10 +90,17 @@ def test_messages_become_text_turns():
         ({"logprobs": True}, "logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ]
+            },
             "messages.0.content.0",
         ),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema",
+        ),
         ({"stop": [str(i) for i in range(17)]}, "stop"),
     ],
 )
@@ -113,7 +127,10 @@ def test_completion_request_takes_one_prompt_and_openais_default_length():
     req = p.CompletionRequest.model_validate({"model": "m", "prompt": ["once upon"]})
     greq = completion_to_engine(req)
     assert greq.prompt == "once upon" and greq.params.max_tokens == 16
-    for bad, param in [({"prompt": ["a", "b"]}, "prompt"), ({"prompt": "a", "suffix": "z"}, "suffix")]:
+    for bad, param in [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "a", "suffix": "z"}, "suffix"),
+    ]:
         with pytest.raises(InvalidRequest) as err:
             completion_to_engine(p.CompletionRequest.model_validate({"model": "m", **bad}))
         assert err.value.param == param
@@ -137,7 +154,11 @@ def test_errors_map_to_openai_status_type_and_code():
     nf = classify(ModelNotFound("ghost"))
     assert (nf.status, nf.code, nf.param) == (404, "model_not_found", "model")
     cl = classify(ContextLengthExceeded(9000, 4096, param="messages"))
-    assert (cl.status, cl.type, cl.code) == (400, "invalid_request_error", "context_length_exceeded")
+    assert (cl.status, cl.type, cl.code) == (
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+    )
     assert openai_body(cl)["error"]["param"] == "messages"
 
 
@@ -165,7 +186,9 @@ def test_unexpected_errors_are_500_without_internals():
 def client():
     backend = LocalBackend(
         [
-            EngineSpec(model="fake:1", path="", n_ctx=64, engine="fake", options={"token_delay": 0}),
+            EngineSpec(
+                model="fake:1", path="", n_ctx=64, engine="fake", options={"token_delay": 0}
+            ),
             EngineSpec(
                 model="fake:broken",
                 path="",
@@ -179,7 +202,9 @@ def client():
 
 
 def sse_events(response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    return [
+        line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")
+    ]
 
 
 def test_health_check(client):
@@ -189,7 +214,8 @@ def test_health_check(client):
 
 def test_chat_completion_shape(client):
     body = client.post(
-        "/v1/chat/completions", json={"model": "fake:1", "messages": [{"role": "user", "content": "hi"}]}
+        "/v1/chat/completions",
+        json={"model": "fake:1", "messages": [{"role": "user", "content": "hi"}]},
     ).json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     choice = body["choices"][0]
@@ -215,7 +241,12 @@ def test_chat_stream_is_role_then_content_then_finish_usage_and_done(client):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     content = [c["choices"][0]["delta"]["content"] for c in chunks[1:-2]]
     assert len("".join(content).split()) == 4
-    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length", "logprobs": None}
+    assert chunks[-2]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "finish_reason": "length",
+        "logprobs": None,
+    }
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
     assert len({c["id"] for c in chunks}) == 1
 
@@ -232,7 +263,9 @@ def test_a_stream_that_fails_ends_with_one_error_event(client):
 
 
 def test_completion_and_echo(client):
-    body = client.post("/v1/completions", json={"model": "fake:1", "prompt": "one two", "echo": True}).json()
+    body = client.post(
+        "/v1/completions", json={"model": "fake:1", "prompt": "one two", "echo": True}
+    ).json()
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"].startswith("one two")
     assert body["usage"]["completion_tokens"] == 16
@@ -268,11 +301,26 @@ def test_models_list_and_get(client):
 @pytest.mark.parametrize(
     ("body", "status", "code", "param"),
     [
-        ({"model": "ghost", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found", "model"),
+        (
+            {"model": "ghost", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model_not_found",
+            "model",
+        ),
         ({"model": "fake:1"}, 400, None, "messages"),
-        ({"model": "fake:1", "messages": [{"role": "robot", "content": "x"}]}, 400, None, "messages.0.role"),
+        (
+            {"model": "fake:1", "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            None,
+            "messages.0.role",
+        ),
         ({"model": "fake:1", "messages": []}, 400, None, "messages"),
-        ({"model": "fake:1", "messages": [{"role": "user", "content": "x"}], "temperature": 9}, 400, None, "temperature"),
+        (
+            {"model": "fake:1", "messages": [{"role": "user", "content": "x"}], "temperature": 9},
+            400,
+            None,
+            "temperature",
+        ),
         (
             {"model": "fake:1", "messages": [{"role": "user", "content": "w " * 100}]},
             400,

@@ -53,10 +53,16 @@ def test_config_file_from_the_environment(tmp_path, monkeypatch):
     ("text", "message"),
     [
         ("num_ctx: 4096\nnum_thread: 2\n", "corral.yaml:2: num_thread: unknown setting"),
-        ("host: 127.0.0.1:11434\nnum_ctx: 12\n", "corral.yaml:2: num_ctx: Input should be greater than or equal to 256"),
+        (
+            "host: 127.0.0.1:11434\nnum_ctx: 12\n",
+            "corral.yaml:2: num_ctx: Input should be greater than or equal to 256",
+        ),
         ("num_ctx: 4096\n  bad: [indent\n", "corral.yaml:2: invalid YAML"),
         ("- just\n- a list\n", "corral.yaml:1: the file must be a mapping"),
-        ("host: 'localhost:http'\n", "corral.yaml:1: host: Value error, 'localhost:http': the port must be a number"),
+        (
+            "host: 'localhost:http'\n",
+            "corral.yaml:1: host: Value error, 'localhost:http': the port must be a number",
+        ),
     ],
 )
 def test_broken_config_names_file_line_and_field(tmp_path, text, message):

@@ -1,0 +1,111 @@
+"""ASGI middleware of the HTTP app: lenient JSON bodies, access log, cancel on disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("corral.api")
+access_log = logging.getLogger("corral.access")
+
+
+class HttpMiddleware(ABC):
+    """Acts on HTTP requests; passes lifespan and websocket traffic through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.handle(scope, receive, send)
+
+    @abstractmethod
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request through ``self.app``."""
+
+
+class JsonBodies(HttpMiddleware):
+    """Read every API body as JSON, whatever Content-Type the client sent.
+
+    OpenAI's and Ollama's servers do; scripts often post JSON with curl -d
+    (form-encoded) or with no Content-Type, and should not get a confusing 400.
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+class AccessLog(HttpMiddleware):
+    """One line per request once its response is complete (streams: when they end)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 0
+
+        async def logged_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            ms = 1000 * (time.perf_counter() - started)
+            access_log.info("%s %s %s %.1fms", scope["method"], scope["path"], status or "-", ms)
+
+
+class CancelOnDisconnect(HttpMiddleware):
+    """Cancel a request whose client has gone, so its generation stops and frees the replica.
+
+    Streaming responses notice on their own (the next send fails); a client
+    waiting for a whole (non-streamed) answer is only noticed by listening for
+    ``http.disconnect`` while the handler works. The generation path cancels its
+    replica stream when it is cancelled (``deployments/backend.py``).
+    """
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body_read = asyncio.Event()
+        responded = client_gone = False
+
+        async def tracked_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body"):
+                body_read.set()
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal responded
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                responded = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, tracked_receive, tracked_send))
+
+        async def watch() -> None:
+            nonlocal client_gone
+            await body_read.wait()
+            while not responded:
+                if (await receive())["type"] == "http.disconnect" and not responded:
+                    client_gone = True
+                    handler.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not client_gone:
+                raise  # we were cancelled ourselves (server shutdown): pass it on
+            log.info("client went away; cancelled %s %s", scope["method"], scope["path"])
+        finally:
+            watcher.cancel()
