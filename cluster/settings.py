@@ -66,7 +66,8 @@ class CorralSettings(BaseSettings):
         description="Start Ray's dashboard on 127.0.0.1:8265 (private cluster only).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        default="info", description="Verbosity of Corral's own logs."
+        default="info",
+        description="Verbosity of Corral's own logs; debug adds a line per HTTP request.",
     )
 
     @field_validator("host")
