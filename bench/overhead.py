@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -37,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import httpx
@@ -70,6 +73,7 @@ class Stream:
     tokens: int = 0
     text: str = ""
     error: str | None = None
+    prompt: str = ""
     same_text: bool = False
 
 
@@ -127,71 +131,102 @@ def measure(chunks: Iterator[tuple[str, bool]], started: float, n_tokens: int) -
 # -- the stacks ----------------------------------------------------------------------
 
 
-def in_process_stack(
-    threads: int,
-) -> tuple[Callable[[str, int], Stream], Callable[[], None], object]:
+Pieces = Callable[[str], Iterator[tuple[str, bool]]]
+Reference = Callable[[str], tuple[str, int]]
+
+
+def llama_stack(threads: int) -> tuple[Pieces, Reference]:
+    """llama-cpp-python's own streaming chat: the baseline everything is compared to."""
     from llama_cpp import Llama
 
     llm = Llama(
-        str(starter_model_path()),
-        n_ctx=N_CTX,
-        n_threads=threads,
-        n_threads_batch=threads,
+        str(starter_model_path()), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
         verbose=False,
-    )
-    lock = threading.Lock()  # one context, one sequence: callers take turns, as in a server
+    )  # fmt: skip
+    args = {"max_tokens": MAX_TOKENS, "temperature": 0, "seed": SEED}
 
-    def run(prompt: str, n_tokens: int) -> Stream:
-        started = time.perf_counter()
-        with lock:
-            stream = llm.create_chat_completion(
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=MAX_TOKENS,
-                temperature=0,
-                seed=SEED,
-                stream=True,
-            )
-            pieces = (
-                (
-                    c["choices"][0]["delta"].get("content") or "",
-                    c["choices"][0]["finish_reason"] is not None,
-                )
-                for c in stream
-            )
-            return measure(pieces, started, n_tokens)
+    def pieces(prompt: str) -> Iterator[tuple[str, bool]]:
+        messages = [{"role": "user", "content": prompt}]
+        for c in llm.create_chat_completion(messages=messages, stream=True, **args):
+            choice = c["choices"][0]
+            yield choice["delta"].get("content") or "", choice["finish_reason"] is not None
 
-    return run, llm.close, llm
+    def reference(prompt: str) -> tuple[str, int]:
+        r = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], **args)
+        return r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"]
+
+    return pieces, reference
 
 
-def engine_stack(threads: int) -> tuple[Callable[[str, int], Stream], Callable[[], None]]:
+def engine_stack(threads: int) -> tuple[Pieces, Reference]:
+    """Corral's LlamaCppEngine, called directly: no replica, no Ray, no HTTP."""
     from nodes.engine import (
         ChatMessage,
         EngineSpec,
+        Finished,
         GenerateRequest,
         SamplingParams,
         TextDelta,
         load_engine,
     )
 
-    engine = load_engine(
-        EngineSpec(
-            model=STARTER_MODEL, path=str(starter_model_path()), n_ctx=N_CTX, n_threads=threads
-        )
-    )
-    lock = threading.Lock()
+    spec = EngineSpec(STARTER_MODEL, str(starter_model_path()), n_ctx=N_CTX, n_threads=threads)
+    engine = load_engine(spec)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, seed=SEED)
 
-    def run(prompt: str, n_tokens: int) -> Stream:
-        req = GenerateRequest(
-            messages=(ChatMessage("user", prompt),),
-            params=SamplingParams(max_tokens=MAX_TOKENS, temperature=0, seed=SEED),
-        )
-        started = time.perf_counter()
-        with lock:
-            events = engine.generate(engine.encode(req), req.params, threading.Event())
-            pieces = ((e.text, False) if isinstance(e, TextDelta) else ("", True) for e in events)
-            return measure(pieces, started, n_tokens)
+    def events(prompt: str) -> Iterator:
+        req = GenerateRequest(messages=(ChatMessage("user", prompt),), params=params)
+        return engine.generate(engine.encode(req), params, threading.Event())
 
-    return run, engine.close
+    def pieces(prompt: str) -> Iterator[tuple[str, bool]]:
+        for e in events(prompt):
+            yield (e.text, False) if isinstance(e, TextDelta) else ("", True)
+
+    def reference(prompt: str) -> tuple[str, int]:
+        all_events = list(events(prompt))
+        done = next(e for e in all_events if isinstance(e, Finished))
+        text = "".join(e.text for e in all_events if isinstance(e, TextDelta))
+        return text, done.usage.completion_tokens
+
+    return pieces, reference
+
+
+IN_PROCESS = {"in-process": llama_stack, "engine": engine_stack}
+
+
+def _in_process_worker(conn: Connection, kind: str, threads: int) -> None:
+    """Child process: all llama.cpp work on its main thread, one request at a time.
+
+    A process of its own per stack, because llama.cpp's OpenMP keeps a worker
+    team per calling thread and two teams in one process slow each other down.
+    """
+    pieces, reference = IN_PROCESS[kind](threads)
+    conn.send({prompt: reference(prompt) for prompt in PROMPTS})
+    while (job := conn.recv()) is not None:
+        prompt, n_tokens, submitted = job
+        conn.send(measure(pieces(prompt), submitted, n_tokens))
+
+
+class InProcessStack:
+    """A stack living in a child process; callers queue for it, as for a server."""
+
+    def __init__(self, kind: str, threads: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_in_process_worker, args=(child, kind, threads))
+        self._proc.start()
+        self.reference: dict[str, tuple[str, int]] = self._conn.recv()  # text, tokens
+        self._lock = threading.Lock()
+
+    def __call__(self, prompt: str, n_tokens: int) -> Stream:
+        submitted = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+        with self._lock:
+            self._conn.send((prompt, n_tokens, submitted))
+            return self._conn.recv()
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._proc.join(30)
 
 
 def sse_stack(url: str) -> Callable[[str, int], Stream]:
@@ -281,50 +316,46 @@ def start_llama_server(threads: int) -> tuple[str, subprocess.Popen]:
     return url, proc
 
 
-def start_corral_stack(threads: int):
-    from cluster.server import start_corral
-    from cluster.settings import load_settings
+def start_corral_stack(threads: int, stream_interval: float | None) -> tuple[str, subprocess.Popen]:
+    """``corral serve`` in its own process, as users run it (no Ray in this process)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env.update(CORRAL_HOST=f"127.0.0.1:{port}", CORRAL_STATE_DIR=tempfile.mkdtemp(prefix="corral-"))
+    if stream_interval is not None:
+        env["CORRAL_STREAM_INTERVAL"] = str(stream_interval)
+    corral = Path(sys.executable).with_name("corral")
+    proc = subprocess.Popen(
+        [str(corral), "serve", "--no-dashboard", "--num-threads", str(threads),
+         "--num-ctx", str(N_CTX)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/")
+    return url, proc
 
-    settings = load_settings(
-        host=f"127.0.0.1:{free_port()}",
-        num_ctx=N_CTX,
-        num_threads=threads,
-        dashboard=False,
-        state_dir=tempfile.mkdtemp(prefix="corral-bench-"),
-    )
-    return start_corral(settings)
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)  # corral serve shuts Ray down on SIGINT
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 # -- driver -----------------------------------------------------------------------------
 
 
-def run_stack(
-    name: str,
-    run: Callable[[str, int], Stream],
-    lengths: dict[str, int],
-    reference: dict[str, str],
-    rounds: int,
-) -> list[Result]:
-    for prompt in PROMPTS[:2]:  # warm up: load, caches, connections
-        run(prompt, lengths[prompt])
-    results = []
-    for concurrency in (1, 4):
-        result = Result(name, concurrency)
-        jobs = [p for _ in range(rounds) for p in PROMPTS]
-        started = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            streams = pool.map(lambda p: run(p, lengths[p]), jobs)
-            for prompt, stream in zip(jobs, streams, strict=True):
-                stream.same_text = stream.error is None and stream.text == reference[prompt]
-                result.streams.append(stream)
-        result.wall = time.perf_counter() - started
-        results.append(result)
-        print(
-            f"  {name:13s} c={concurrency}: {result.summary()['decode_tps_median']:.1f} tok/s, "
-            f"{result.failed} failed",
-            flush=True,
-        )
-    return results
+def run_batch(
+    run: Callable[[str, int], Stream], concurrency: int, lengths: dict[str, int], result: Result
+) -> None:
+    """Every prompt once, ``concurrency`` streams at a time, into ``result``."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        streams = pool.map(lambda p: run(p, lengths[p]), PROMPTS)
+        for prompt, stream in zip(PROMPTS, streams, strict=True):
+            stream.prompt = prompt
+            result.streams.append(stream)
+    result.wall += time.perf_counter() - started
 
 
 def main() -> None:
@@ -333,7 +364,10 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument(
-        "--rounds", type=int, default=3, help="passes over the prompts per concurrency"
+        "--rounds", type=int, default=3, help="passes over the prompts per stack and concurrency"
+    )
+    parser.add_argument(
+        "--stream-interval", type=float, help="Corral's stream_interval (default: its own)"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -343,41 +377,44 @@ def main() -> None:
         f"rounds={args.rounds}",
         flush=True,
     )
-    run_inproc, close_inproc, llm = in_process_stack(args.threads)
-    lengths, reference = {}, {}
-    for prompt in PROMPTS:  # the reference text and token count of each prompt
-        r = llm.create_chat_completion(
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            seed=SEED,
-        )
-        lengths[prompt] = r["usage"]["completion_tokens"]
-        reference[prompt] = r["choices"][0]["message"]["content"]
-    results = run_stack("in-process", run_inproc, lengths, reference, args.rounds)
-    close_inproc()
-    run_engine, close_engine = engine_stack(args.threads)
-    results += run_stack("engine", run_engine, lengths, reference, args.rounds)
-    close_engine()
-
-    url, proc = start_llama_server(args.threads)
+    in_process = InProcessStack("in-process", args.threads)
+    engine = InProcessStack("engine", args.threads)
+    # Greedy decoding: the text (and token count) every stack should produce.
+    reference = {p: text for p, (text, _) in in_process.reference.items()}
+    lengths = {p: n for p, (_, n) in in_process.reference.items()}
+    server_url, server = start_llama_server(args.threads)
+    corral_url, corral = start_corral_stack(args.threads, args.stream_interval)
+    stacks = {
+        "in-process": in_process,
+        "engine": engine,
+        "llama-server": sse_stack(server_url),
+        "corral": sse_stack(corral_url),
+    }
     try:
-        results += run_stack("llama-server", sse_stack(url), lengths, reference, args.rounds)
+        for run in stacks.values():  # warm up: load, caches, connections
+            for prompt in PROMPTS[:2]:
+                run(prompt, lengths[prompt])
+        # Round-robin over the stacks, so that a box that gets busier or quieter
+        # during the run affects every stack alike.
+        results = {(n, c): Result(n, c) for c in (1, 4) for n in stacks}
+        for concurrency in (1, 4):
+            for i in range(args.rounds):
+                for name, run in stacks.items():
+                    run_batch(run, concurrency, lengths, results[name, concurrency])
+                print(f"  concurrency {concurrency}: round {i + 1}/{args.rounds} done", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(30)
-
-    corral = start_corral_stack(args.threads)
-    try:
-        results += run_stack("corral", sse_stack(corral.url), lengths, reference, args.rounds)
-    finally:
-        corral.stop()
-
-    report(results, args, lengths)
+        stop(corral)
+        stop(server)
+        engine.close()
+        in_process.close()
+    for result in results.values():
+        for stream in result.streams:
+            stream.same_text = stream.error is None and stream.text == reference[stream.prompt]
+    report(list(results.values()), args, lengths)
 
 
 def report(results: list[Result], args: argparse.Namespace, lengths: dict[str, int]) -> None:
-    rows = [r.summary() for r in results]
+    rows = sorted((r.summary() for r in results), key=lambda r: r["concurrency"])
     base = {row["concurrency"]: row for row in rows if row["stack"] == "in-process"}
     print()
     columns = [  # header, key, format (the header sets the width)
@@ -425,6 +462,7 @@ def report(results: list[Result], args: argparse.Namespace, lengths: dict[str, i
                 "max_tokens": MAX_TOKENS,
                 "seed": SEED,
                 "rounds": args.rounds,
+                "stream_interval": args.stream_interval,
                 "cpu_count": os.cpu_count(),
                 "tokens_per_prompt": list(lengths.values()),
                 "results": rows,

@@ -20,7 +20,7 @@ from ray import serve
 
 from cluster.settings import CorralSettings
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
-from deployments.replica import replica_app
+from deployments.replica import ReplicaOptions, replica_app
 from nodes.engine import EngineSpec
 from nodes.errors import ModelLoadFailed, ModelNotFound
 from nodes.gguf import check_gguf
@@ -81,15 +81,17 @@ class Controller:
             n_threads=self._settings.num_threads,
         )
 
+    def _replica_options(self) -> ReplicaOptions:
+        s = self._settings
+        return ReplicaOptions(
+            max_queue=s.max_queue, stream_interval=s.stream_interval, log_level=s.log_level
+        )
+
     async def _deploy(self, name: str) -> str:
         model = self._catalog[name]
         check_gguf(model.path)  # a clear error now beats a replica crash loop later
         app_name = app_name_for(name)
-        app = replica_app(
-            self._spec(model),
-            max_queue=self._settings.max_queue,
-            log_level=self._settings.log_level,
-        )
+        app = replica_app(self._spec(model), self._replica_options())
         log.info("cold start: loading %s (%s) as %s", name, model.path, app_name)
         started = time.monotonic()
         try:

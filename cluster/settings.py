@@ -56,6 +56,13 @@ class CorralSettings(BaseSettings):
         le=100_000,
         description="Requests one replica holds (running + waiting); more wait at the ingress.",
     )
+    stream_interval: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Seconds between the messages of a stream after the first token; "
+        "batching tokens leaves the CPU to the model (0: a message per token).",
+    )
     load_timeout: float = Field(
         default=600.0,
         gt=0,

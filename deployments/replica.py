@@ -3,13 +3,18 @@
 llama.cpp's context holds a single sequence, so a replica runs one generation
 at a time. Work goes to a one-thread executor: its queue is the replica's
 queue (first come, first served), and no request can cancel or corrupt
-another. A caller that goes away sets its cancel flag; the engine stops at the
-next token, or skips the work entirely if it was still waiting.
+another. Every llama.cpp call of a replica, the load included, runs on that one
+thread: llama.cpp's OpenMP keeps a team of worker threads per calling thread,
+and a second team's idle spinning steals cores from the busy one (measured:
+up to a third fewer tokens/s on a 2-core box). A caller that goes away sets its
+cancel flag; the engine stops at the next token, or skips the work entirely if
+it was still waiting.
 
-Tokens reach the caller in batches: whatever the engine produced since the
-caller last read. At one token per read this is a plain stream; when the caller
-falls behind (a busy box, a slow network) it catches up in fewer, larger
-messages instead of paying Ray's per-message cost for every token.
+Tokens reach the caller in batches: the first at once, then whatever the
+engine produced in the last ``stream_interval`` seconds. Every message costs CPU
+in three processes (replica, ingress, client) that the engine's threads need:
+one message per token cost a tenth of the decode speed on a 2-core box, while a
+50 ms interval is below what a reader of a streamed answer can notice.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -76,6 +82,53 @@ class ReplicaStats:
 _END = object()
 
 
+class _Outbox:
+    """Hands a generation's events from the engine thread to the event loop.
+
+    The engine thread only appends; it wakes the loop just when the loop waits
+    for a first item, so a stream costs a wake-up per message, not per token.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: Any) -> bool:
+        """From the engine thread; False once the event loop is gone."""
+        with self._lock:
+            self._items.append(item)
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            try:
+                self._loop.call_soon_threadsafe(_resolve, waiter)
+            except RuntimeError:
+                return False
+        return True
+
+    async def get(self) -> list[Any]:
+        """On the loop: wait for at least one item, then take all there are."""
+        with self._lock:
+            waiter = None if self._items else self._loop.create_future()
+            self._waiter = waiter
+        if waiter is not None:
+            await waiter
+        return self.take()
+
+    def take(self) -> list[Any]:
+        """On the loop: whatever is there now (maybe nothing)."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class ModelReplica:
     """One loaded engine behind an ordered queue (see module docstring).
 
@@ -83,9 +136,16 @@ class ModelReplica:
     engine; tests may wrap any engine directly.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        executor: ThreadPoolExecutor | None = None,
+        *,
+        stream_interval: float = 0.0,
+    ) -> None:
         self._engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = executor or engine_executor()
+        self._stream_interval = stream_interval
         self._pending = 0  # generations submitted and not finished
         self._cancels: set[threading.Event] = set()  # one per live generation
         self._outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
@@ -110,14 +170,12 @@ class ModelReplica:
         except CorralError as exc:
             yield [Refused(exc)]
             return
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        outbox = _Outbox(loop)
         cancel = threading.Event()
         submitted = time.perf_counter()
 
         def put(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: the replica is stopping
+            if not outbox.put(item):  # the event loop is gone: the replica is stopping
                 cancel.set()
 
         def work() -> None:
@@ -144,10 +202,14 @@ class ModelReplica:
         self._executor.submit(work)
         try:
             yield [Admitted()]
+            flushed = 0.0
             while True:
-                batch = [await queue.get()]
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
+                batch = await outbox.get()
+                wait = flushed + self._stream_interval - loop.time()
+                if wait > 0 and batch[-1] is not _END:
+                    await asyncio.sleep(wait)  # let a few more tokens join this message
+                    batch += outbox.take()
+                flushed = loop.time()
                 events = [e for e in batch if e is not _END and not isinstance(e, BaseException)]
                 if events:
                     yield events
@@ -179,38 +241,51 @@ class ModelReplica:
             self._engine.close()
 
 
+def engine_executor() -> ThreadPoolExecutor:
+    """The one thread that makes every llama.cpp call of a replica."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+
 class ServedReplica(ModelReplica):
     """The Serve deployment: loads the engine ``spec`` names, then serves it."""
 
-    async def __init__(self, spec: EngineSpec, log_level: str = "info") -> None:
-        setup_logging(log_level)
+    async def __init__(self, spec: EngineSpec, options: ReplicaOptions) -> None:
+        setup_logging(options.log_level)
+        executor = engine_executor()
         # Loading can take minutes for a big model; keep the replica's event loop
         # (health checks, Serve's control calls) responsive meanwhile.
-        engine = await asyncio.to_thread(load_engine, spec)
-        super().__init__(engine)
+        engine = await asyncio.get_running_loop().run_in_executor(executor, load_engine, spec)
+        super().__init__(engine, executor, stream_interval=options.stream_interval)
         log.info(
             "loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaOptions:
+    """How a replica serves, whatever model it runs."""
+
+    max_queue: int = 64  # requests held (running + waiting); more wait at the caller
+    stream_interval: float = 0.05  # seconds between messages of a stream, after the first
+    log_level: str = "info"
+
+
 def replica_app(
-    spec: EngineSpec, *, max_queue: int = 64, log_level: str = "info", options: dict | None = None
+    spec: EngineSpec, options: ReplicaOptions, *, actor_options: dict | None = None
 ) -> Application:
     """The Serve application for one placement of ``spec``.
 
-    ``max_queue`` bounds the requests a replica holds (running + waiting);
-    ``options`` are extra ``ray_actor_options`` (resources, label selector).
+    ``actor_options`` are extra ``ray_actor_options`` (resources, label selector).
     """
-    actor_options = {"num_cpus": 0, **(options or {})}
     deployment = serve.deployment(
         ServedReplica,
         name=REPLICA_DEPLOYMENT,
-        max_ongoing_requests=max_queue,
-        ray_actor_options=actor_options,
+        max_ongoing_requests=options.max_queue,
+        ray_actor_options={"num_cpus": 0, **(actor_options or {})},
         # A model load can take minutes on a slow disk; Serve must not give up first.
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=5,
         # The ingress logs every request; a second line per request here is noise.
         logging_config={"enable_access_log": False},
     )
-    return deployment.bind(spec, log_level)
+    return deployment.bind(spec, options)
