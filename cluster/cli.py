@@ -80,15 +80,16 @@ def serve(
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     setup_logging(settings.log_level)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # Ctrl-C during startup raises KeyboardInterrupt, which start_corral cleans up after.
     with console.status("Starting Corral (Ray, Serve, controller)..."):
         try:
             running = start_corral(settings)
         except StartupError as exc:
             console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     models = ", ".join(sorted(builtin_models()))
     console.print(
         f"Corral {corral_version()} is serving on [bold]{running.url}[/] "

@@ -1,4 +1,4 @@
-"""Start and stop a Corral server: Ray, Serve's proxy, the controller and the ingress.
+"""Start and stop a Corral server: Ray, Serve, the controller and the ingress.
 
 ``corral serve`` and the integration tests both go through ``start_corral``,
 so the tests exercise exactly what users run.
@@ -6,7 +6,6 @@ so the tests exercise exactly what users run.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
@@ -22,8 +21,6 @@ from cluster.controller import start_controller
 from cluster.settings import CorralSettings
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
-
-log = logging.getLogger("corral.server")
 
 
 class StartupError(Exception):
@@ -100,9 +97,11 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
     return running
 
 
-# Serve tuning for a small box. Latency: run replica code and the handle router on the replica's
-# own event loop instead of hopping to extra threads. Corral's replicas never block
-# their loop (engine work runs in executors), which is what these options require.
+# Serve tuning for a small box, applied to the Ray processes a private cluster starts
+# (they inherit this process's environment). Run replica code and the handle router
+# on the replica's own event loop instead of hopping between threads: Corral's
+# replicas never block their loop (engine work runs in executors), which is what
+# these options require.
 SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",

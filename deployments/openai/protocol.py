@@ -78,6 +78,11 @@ class SamplingFields(OpenAIRequest):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repeat_penalty: float | None = Field(default=None, ge=0)
 
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream should end with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)

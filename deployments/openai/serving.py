@@ -73,8 +73,7 @@ class OpenAIServing:
         stream = await self._open(req.model, greq)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream_sse(stream, _ChatChunks(rid, created, req.model, include_usage))
+            return self._stream_sse(stream, _ChatChunks(rid, created, req.model, req.include_usage))
         result = await _gather(stream)
         return p.ChatCompletion(
             id=rid,
@@ -97,10 +96,8 @@ class OpenAIServing:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = greq.prompt if req.echo else ""
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream_sse(
-                stream, _CompletionChunks(rid, created, req.model, echo, include_usage)
-            )
+            chunks = _CompletionChunks(rid, created, req.model, echo, req.include_usage)
+            return self._stream_sse(stream, chunks)
         result = await _gather(stream)
         return p.Completion(
             id=rid,
