@@ -23,8 +23,31 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
-def _describe(name: str) -> str:
+def describe(name: str) -> str:
+    """A setting's description, for the help of the flag that sets it."""
     return CorralSettings.model_fields[name].description or ""
+
+
+def fail(message: object, code: int = 1) -> typer.Exit:
+    """Print a one-line error; ``raise fail(...)`` exits with ``code``."""
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def load(config: Path | None, **overrides: object) -> CorralSettings:
+    """Settings from the file, the environment and the given flags, or exit 2 saying why."""
+    from cluster.settings import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        raise fail(exc, 2) from None
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Settings file (default: $CORRAL_CONFIG if set)."),
+]
 
 
 def _version(value: bool) -> None:
@@ -47,15 +70,12 @@ def main_options(
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help=_describe("host"))] = None,
-    address: Annotated[str | None, typer.Option(help=_describe("ray_address"))] = None,
-    config: Annotated[
-        Path | None,
-        typer.Option("--config", "-c", help="Settings file (default: $CORRAL_CONFIG if set)."),
-    ] = None,
-    num_ctx: Annotated[int | None, typer.Option(help=_describe("num_ctx"))] = None,
-    num_threads: Annotated[int | None, typer.Option(help=_describe("num_threads"))] = None,
-    dashboard: Annotated[bool | None, typer.Option(help=_describe("dashboard"))] = None,
+    host: Annotated[str | None, typer.Option(help=describe("host"))] = None,
+    address: Annotated[str | None, typer.Option(help=describe("ray_address"))] = None,
+    config: ConfigOption = None,
+    num_ctx: Annotated[int | None, typer.Option(help=describe("num_ctx"))] = None,
+    num_threads: Annotated[int | None, typer.Option(help=describe("num_threads"))] = None,
+    dashboard: Annotated[bool | None, typer.Option(help=describe("dashboard"))] = None,
 ) -> None:
     """Start Corral and serve until Ctrl-C.
 
@@ -63,30 +83,24 @@ def serve(
     starter model smollm2:135m; nothing to configure, no network needed.
     """
     from cluster.server import StartupError, corral_version, start_corral
-    from cluster.settings import load_settings
     from nodes.logs import setup_logging
     from nodes.models import builtin_models
 
-    try:
-        settings = load_settings(
-            config,
-            host=host,
-            ray_address=address,
-            num_ctx=num_ctx,
-            num_threads=num_threads,
-            dashboard=dashboard,
-        )
-    except ConfigError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    settings = load(
+        config,
+        host=host,
+        ray_address=address,
+        num_ctx=num_ctx,
+        num_threads=num_threads,
+        dashboard=dashboard,
+    )
     setup_logging(settings.log_level)
     # Ctrl-C during startup raises KeyboardInterrupt, which start_corral cleans up after.
     with console.status("Starting Corral (Ray, Serve, controller)..."):
         try:
             running = start_corral(settings)
         except StartupError as exc:
-            console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise fail(exc) from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -107,6 +121,8 @@ def serve(
 def main() -> None:
     app()
 
+
+from cluster import cli_nodes  # noqa: E402,F401 - registers `corral node ...` and `corral nodes`
 
 if __name__ == "__main__":
     main()

@@ -18,9 +18,10 @@ import time
 import ray
 from ray import serve
 
+from cluster.inventory import InventoryMonitor
 from cluster.settings import CorralSettings
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
-from deployments.replica import ReplicaOptions, replica_app
+from deployments.replica import REPLICA_DEPLOYMENT, ReplicaOptions, replica_app
 from nodes.engine import EngineSpec
 from nodes.errors import ModelLoadFailed, ModelNotFound
 from nodes.gguf import check_gguf
@@ -28,6 +29,8 @@ from nodes.logs import setup_logging
 from nodes.models import LocalModel, builtin_models, normalize_name
 
 log = logging.getLogger("corral.controller")
+
+TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
 
 
 def app_name_for(model: str) -> str:
@@ -45,9 +48,39 @@ class Controller:
         self._catalog: dict[str, LocalModel] = builtin_models()
         self._running: dict[str, str] = {}  # model -> Serve application name
         self._loading: dict[str, asyncio.Task[str]] = {}
+        self._inventory = InventoryMonitor()
+        self._model_nodes: dict[str, str] = {}  # model -> id of the node its replica runs on
+        self._ticker: asyncio.Task[None] | None = None
 
     async def ping(self) -> bool:
+        """Answers once the controller runs; starts its periodic work on first call."""
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_forever())
         return True
+
+    async def nodes(self) -> list[dict]:
+        """Every node with its hardware, live use and models (JSON-ready)."""
+        by_node: dict[str, list[str]] = {}
+        for model, node_id in self._model_nodes.items():
+            by_node.setdefault(node_id, []).append(model)
+        return [s.model_dump() for s in self._inventory.snapshot(by_node)]
+
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                await self._inventory.refresh()
+                await self._locate_replicas()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the controller
+                log.exception("controller tick failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def _locate_replicas(self) -> None:
+        for model, app in list(self._running.items()):
+            handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app, _check_exists=False)
+            try:
+                self._model_nodes[model] = await asyncio.wait_for(handle.where.remote(), 2)
+            except Exception:  # noqa: BLE001 - restarting; located on a later tick
+                self._model_nodes.pop(model, None)
 
     async def list_models(self) -> list[LocalModel]:
         return sorted(self._catalog.values(), key=lambda m: m.name)
@@ -115,8 +148,14 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def start_controller(settings: CorralSettings) -> ray.actor.ActorHandle:
-    """Start the controller actor (or find the one already running) and wait for it."""
+def start_controller(
+    settings: CorralSettings, node_labels: dict[str, str] | None = None
+) -> ray.actor.ActorHandle:
+    """Start the controller actor (or find the one already running) and wait for it.
+
+    ``node_labels`` pins it to the node ``corral serve`` runs on (the head, usually),
+    so that it does not live on a box that may be unplugged.
+    """
     actor = (
         ray.remote(Controller)
         .options(
@@ -125,6 +164,7 @@ def start_controller(settings: CorralSettings) -> ray.actor.ActorHandle:
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
+            label_selector=node_labels or {},
         )
         .remote(settings)
     )

@@ -16,11 +16,12 @@ import httpx
 import ray
 from ray import serve
 
-from cluster.auth import enable_ray_token_auth
 from cluster.controller import start_controller
 from cluster.settings import CorralSettings
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
+from nodes.agent import LABEL_NODE, LABEL_ROLE, NodeRecord
+from nodes.rayenv import SYSTEM_CONFIG, ensure_token, token_path, use_in_this_process
 
 
 class StartupError(Exception):
@@ -43,6 +44,11 @@ class RunningCorral:
     owns_ray: bool
     stopped: bool = field(default=False, init=False)
 
+    @property
+    def address(self) -> str:
+        """The Ray cluster's address (GCS HOST:PORT)."""
+        return ray.get_runtime_context().gcs_address
+
     def stop(self) -> None:
         if self.stopped:
             return
@@ -55,6 +61,7 @@ class RunningCorral:
             except ValueError:
                 pass
             if self.owns_ray:
+                NodeRecord.remove(self.settings.state_path)
                 ray.shutdown()
 
 
@@ -75,21 +82,19 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
     """Bring Corral up as ``settings`` say and return once the API answers."""
     host, port = settings.listen
     check_port_free(host, port)
-    owns_ray = not ray.is_initialized()
-    if owns_ray:
-        enable_ray_token_auth(settings.state_path)
-        _init_ray(settings)
+    owns_ray = False
+    if not ray.is_initialized():
+        owns_ray = _init_ray(settings)
     running = RunningCorral(settings, url=f"http://{_url_host(host)}:{port}", owns_ray=owns_ray)
     try:
         # No Serve HTTP proxy: the ingress serves the API itself (deployments/ingress.py).
         serve.start(proxy_location="Disabled")
-        start_controller(settings)
+        here = _this_node()
+        start_controller(settings, here)
         config = IngressConfig(
             host=host, port=port, version=corral_version(), log_level=settings.log_level
         )
-        serve.run(
-            ingress_app(config, node_labels=_this_node()), name=INGRESS_APP, route_prefix=None
-        )
+        serve.run(ingress_app(config, node_labels=here), name=INGRESS_APP, route_prefix=None)
         _wait_until_answering(running.url, timeout=60)
     except BaseException:
         running.stop()
@@ -97,39 +102,67 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
     return running
 
 
-# Serve tuning for a small box, applied to the Ray processes a private cluster starts
-# (they inherit this process's environment). Run replica code and the handle router
-# on the replica's own event loop instead of hopping between threads: Corral's
-# replicas never block their loop (engine work runs in executors), which is what
-# these options require.
-SERVE_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    # Serve's controller wakes 10 times a second by default; twice is plenty for a
-    # homelab and gives the model back ~2% of a core (3x less controller CPU).
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
-}
-
-
-def _init_ray(settings: CorralSettings) -> None:
-    for key, value in SERVE_ENV.items():
-        os.environ.setdefault(key, value)  # inherited by the Ray processes we start
+def cluster_address(settings: CorralSettings) -> str | None:
+    """The cluster to use: the configured address, else the one this box's node (or a
+    running ``corral serve``) belongs to, else None."""
     if settings.ray_address:
-        ray.init(address=settings.ray_address, namespace=NAMESPACE, logging_level="warning")
-        return
+        return settings.ray_address
+    record = NodeRecord.read(settings.state_path)
+    return record.address if record else None
+
+
+def join_cluster(address: str, settings: CorralSettings, *, quiet: bool = False) -> None:
+    """Connect this process to the cluster at ``address`` as a Ray driver.
+
+    ``quiet`` keeps the Ray processes' output away from this terminal (for one-shot
+    commands such as ``corral nodes``)."""
+    token = token_path(settings.state_path)
+    if not token.is_file() and not os.environ.get("RAY_AUTH_TOKEN"):
+        raise StartupError(f"no cluster token at {token}: copy the head's token file there")
+    use_in_this_process(token)
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            logging_level="error" if quiet else "warning",
+            log_to_driver=not quiet,
+        )
+    except ConnectionError as exc:
+        raise StartupError(f"cannot join the cluster at {address}: {exc}") from None
+
+
+def _init_ray(settings: CorralSettings) -> bool:
+    """Join the cluster the settings name, or start a private one; True if we own it."""
+    state = settings.state_path
+    record = NodeRecord.read(state)
+    if record is not None and record.kind == "serve":
+        raise StartupError(
+            f"corral serve already runs from {state} (pid {record.pid}); stop it first, "
+            f"or use another state directory (CORRAL_STATE_DIR)"
+        )
+    if address := cluster_address(settings):
+        join_cluster(address, settings)  # this box runs a node: serve its cluster
+        return False
+    use_in_this_process(ensure_token(token_path(state)))  # inherited by the Ray processes
+    name = settings.node.name or socket.gethostname()
     ray.init(
+        address="local",  # a new cluster, never one Ray finds running on this box
         namespace=NAMESPACE,
         include_dashboard=settings.dashboard,
         dashboard_host="127.0.0.1",
-        labels={"corral.node": socket.gethostname(), "corral.role": "head"},
+        labels={LABEL_NODE: name, LABEL_ROLE: "head"},
         logging_level="warning",
+        _system_config=SYSTEM_CONFIG,
     )
+    gcs = ray.get_runtime_context().gcs_address
+    NodeRecord(name, "head", gcs, pid=os.getpid(), kind="serve").write(state)
+    return True
 
 
 def _this_node() -> dict[str, str] | None:
     """A label selector for the node this process runs on: the API binds here."""
-    name = ray.get_runtime_context().get_node_labels().get("corral.node")
-    return {"corral.node": name} if name else None
+    name = ray.get_runtime_context().get_node_labels().get(LABEL_NODE)
+    return {LABEL_NODE: name} if name else None
 
 
 def _url_host(host: str) -> str:

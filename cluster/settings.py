@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from cluster import yamlfile
+from nodes.agent import NodeSettings
 
 ENV_PREFIX = "CORRAL_"
 DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work unchanged
@@ -23,7 +24,9 @@ DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work unchanged
 class CorralSettings(BaseSettings):
     """Settings of one Corral server (the ingress, the controller, the replicas it starts)."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
+    )
 
     host: str = Field(
         default=f"127.0.0.1:{DEFAULT_PORT}",
@@ -71,6 +74,11 @@ class CorralSettings(BaseSettings):
     dashboard: bool = Field(
         default=True,
         description="Start Ray's dashboard on 127.0.0.1:8265 (private cluster only).",
+    )
+    node: NodeSettings = Field(
+        default_factory=NodeSettings,
+        description="How this box joins the cluster (corral node start): name, reserves, caps, "
+        "ports. Environment: CORRAL_NODE__RESERVE_RAM=4GiB and so on.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info",
@@ -128,8 +136,9 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> CorralS
         loaded = _WithFile(**given)
     except ValidationError as exc:
         raise _settings_error(exc, doc, given) from None
-    # A plain CorralSettings (not the local subclass) so it pickles to Ray actors.
-    return CorralSettings.model_construct(**loaded.model_dump())
+    # A plain CorralSettings (not the local subclass) so it pickles to Ray actors;
+    # model_validate (unlike the constructor) reads no environment again.
+    return CorralSettings.model_validate(loaded.model_dump())
 
 
 def _settings_error(
@@ -140,7 +149,7 @@ def _settings_error(
     for err in exc.errors():
         loc = tuple(err["loc"])
         key = str(loc[0]) if loc else ""
-        env = f"{ENV_PREFIX}{key.upper()}"
+        env = ENV_PREFIX + "__".join(str(p).upper() for p in loc)
         if key in given:
             where = f"--{key.replace('_', '-')}"
         elif env in os.environ:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 
 from deployments.backend import ModelBackend
+from deployments.cluster_api import cluster_router
 from deployments.errors import ApiError, classify, openai_body
 from deployments.middleware import AccessLog, CancelOnDisconnect, JsonBodies
 from deployments.openai.api import openai_router
@@ -34,6 +35,7 @@ def build_api(backend: ModelBackend, *, version: str = "dev") -> FastAPI:
         description="Local LLMs on a homelab cluster: OpenAI and Ollama APIs.",
     )
     app.include_router(openai_router(OpenAIServing(backend)))
+    app.include_router(cluster_router(backend))
 
     @app.get("/", response_class=PlainTextResponse, tags=["Health"])
     @app.head("/", response_class=PlainTextResponse, include_in_schema=False)

@@ -8,7 +8,7 @@ The HTTP routes know nothing of Ray. They talk to a ``ModelBackend``;
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import ray
 from ray import serve
@@ -38,6 +38,10 @@ class ModelBackend(Protocol):
 
     async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
         """One vector per text, or ``Refused`` for input the model cannot take."""
+        ...
+
+    async def cluster_nodes(self) -> list[dict[str, Any]]:
+        """Every node of the cluster as the controller sees it (JSON-ready)."""
         ...
 
 
@@ -88,3 +92,6 @@ class ServeBackend:
     async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
         handle = await self._replica(model)
         return await handle.embed.remote(list(texts))
+
+    async def cluster_nodes(self) -> list[dict[str, Any]]:
+        return await self._controller().nodes.remote()

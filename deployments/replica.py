@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import ray
 from ray import serve
 from ray.serve.deployment import Application
 
@@ -249,6 +250,10 @@ def engine_executor() -> ThreadPoolExecutor:
 class ServedReplica(ModelReplica):
     """The Serve deployment: loads the engine ``spec`` names, then serves it."""
 
+    async def where(self) -> str:
+        """The Ray node this replica runs on (its id)."""
+        return self._node_id
+
     async def __init__(self, spec: EngineSpec, options: ReplicaOptions) -> None:
         setup_logging(options.log_level)
         executor = engine_executor()
@@ -256,6 +261,7 @@ class ServedReplica(ModelReplica):
         # (health checks, Serve's control calls) responsive meanwhile.
         engine = await asyncio.get_running_loop().run_in_executor(executor, load_engine, spec)
         super().__init__(engine, executor, stream_interval=options.stream_interval)
+        self._node_id = ray.get_runtime_context().get_node_id()
         log.info(
             "loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds
         )

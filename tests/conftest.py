@@ -1,14 +1,17 @@
 """Fixtures shared by every suite.
 
-``corral`` is one real Corral for the whole test session (embedded Ray,
-Serve, the starter model), started by the same ``start_corral`` that
-``corral serve`` uses. Suites that need it share it; unit tests never start it.
+``homelab`` is one simulated cluster for the whole test session: three Ray
+nodes on this machine (``ray.cluster_utils.Cluster``), each started with the
+resources and labels ``corral node start`` would give the box a fixture file
+describes, with token auth on. ``corral`` is Corral served on it by the same
+``start_corral`` that ``corral serve`` uses. Unit tests start neither.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -16,11 +19,57 @@ import pytest
 
 from nodes.models import STARTER_MODEL, starter_model_path
 
+FIXTURES = Path(__file__).parent / "fixtures"
+NODE_FIXTURES = FIXTURES / "nodes"
+# The simulated homelab: an always-on mini PC as head, a GPU box and a NAS.
+HOMELAB = [
+    ("minipc-n100-ram16g", "head"),
+    ("gpu-rtx3090-24g-ram64g", "worker"),
+    ("nas-ram8g", "worker"),
+]
+SIMULATED_OBJECT_STORE = 100 * 1024**2  # all "boxes" share this machine's /dev/shm
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def simulated_node(fixture: str, role: str) -> dict:
+    """``Cluster.add_node`` arguments for the box ``fixture`` describes.
+
+    Resources and labels come from the same ``plan_offer`` as ``corral node
+    start``; the node's probe tasks report the fixture's hardware through
+    ``CORRAL_INVENTORY_FILE`` in the raylet's (and so its workers') environment.
+    One logical CPU each: the processes all share this machine's cores.
+    """
+    from nodes.agent import NodeSettings, plan_offer
+    from nodes.hardware import INVENTORY_FILE_ENV, load_inventory
+
+    path = NODE_FIXTURES / f"{fixture}.yaml"
+    offer = plan_offer(load_inventory(path), NodeSettings(), role)
+    args = {
+        "num_cpus": 1,
+        "num_gpus": offer.num_gpus,
+        "memory": offer.memory,
+        "object_store_memory": SIMULATED_OBJECT_STORE,
+        "labels": offer.labels,
+        "env_vars": {INVENTORY_FILE_ENV: str(path)},
+    }
+    if offer.vram_mib:
+        args["resources"] = {"vram_mib": offer.vram_mib}
+    return args
+
+
+@dataclass
+class Homelab:
+    cluster: object  # ray.cluster_utils.Cluster
+    state_dir: Path
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +86,42 @@ def starter_name() -> str:
 
 
 @pytest.fixture(scope="session")
-def corral(tmp_path_factory) -> Iterator:
-    """Corral started exactly as ``corral serve`` starts it, on a free loopback port."""
+def homelab(tmp_path_factory) -> Iterator[Homelab]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from deployments.backend import NAMESPACE
+    from nodes.rayenv import SYSTEM_CONFIG, ensure_token, token_path, use_in_this_process
+
+    state_dir = tmp_path_factory.mktemp("state")
+    use_in_this_process(ensure_token(token_path(state_dir)))  # every node inherits it
+    head, *workers = HOMELAB
+    head_args = {
+        **simulated_node(*head),
+        "include_dashboard": False,
+        "_system_config": SYSTEM_CONFIG,
+    }
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    try:
+        for fixture, role in workers:
+            cluster.add_node(**simulated_node(fixture, role))
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace=NAMESPACE, logging_level="warning")
+        yield Homelab(cluster, state_dir)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corral(homelab: Homelab, tmp_path_factory) -> Iterator:
+    """Corral on the homelab, started exactly as ``corral serve`` starts it."""
     from cluster.server import start_corral
     from cluster.settings import load_settings
 
     settings = load_settings(
         host=f"127.0.0.1:{free_port()}",
-        state_dir=tmp_path_factory.mktemp("state"),
+        state_dir=homelab.state_dir,
         num_ctx=2048,
         num_threads=2,
         dashboard=False,
