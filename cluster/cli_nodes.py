@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -94,6 +95,11 @@ def node_start(
         raise fail(exc) from None
     _print_plan(plan)
     if dry_run:
+        # The inventory doubles as a declared-hardware file for --inventory.
+        inventory = plan.inventory.model_dump(mode="json", exclude={"declared"})
+        print("# This box, as probed (usable with --inventory):")
+        print(yaml.safe_dump(inventory, sort_keys=False), end="")
+        print("# The command that would start the node:")
         print(shell_line(plan.command))
         return
     try:
