@@ -60,6 +60,8 @@ class Controller:
 
     async def nodes(self) -> list[dict]:
         """Every node with its hardware, live use and models (JSON-ready)."""
+        if not self._inventory.nodes:  # asked before the first tick
+            await self._inventory.refresh()
         by_node: dict[str, list[str]] = {}
         for model, node_id in self._model_nodes.items():
             by_node.setdefault(node_id, []).append(model)

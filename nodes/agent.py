@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
 from nodes.hardware import INVENTORY_FILE_ENV, NodeInventory, load_inventory, probe
-from nodes.rayenv import ensure_token, ray_env, system_config_json
+from nodes.rayenv import ensure_token, ray_env, system_config_json, use_in_this_process
 
 Role = Literal["head", "worker"]
 MIB = 1024**2
@@ -225,12 +225,11 @@ def check_can_join(address: str, token: Path, name: str) -> None:
 def _gcs_nodes(address: str, token: Path) -> list[dict]:
     # Ray's GCS client (what `ray status` uses): answers in milliseconds, and says
     # "wrong token" at once where ray.init would retry for 20 s.
-    os.environ.update(ray_env(token))
-    from ray._raylet import AuthenticationTokenLoader, Config, GcsClient
+    use_in_this_process(token)
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
     from ray.exceptions import AuthenticationError, RpcError
 
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
     try:
         infos = GcsClient(address=address).get_all_node_info(timeout=5)
     except AuthenticationError:
@@ -242,7 +241,7 @@ def _gcs_nodes(address: str, token: Path) -> list[dict]:
         raise NodeStartError(f"{address} does not answer as a Ray head: {exc}") from None
     return [
         {
-            "alive": info.state == 0,
+            "alive": info.state == GcsNodeInfo.ALIVE,
             "labels": dict(info.labels),
             "address": info.node_manager_address,
         }
