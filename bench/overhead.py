@@ -10,7 +10,9 @@ through these stacks and compares them in one run:
   corral        corral serve (Ray Serve ingress + replica), over HTTP
 
 at concurrency 1 and 4, and prints decode tokens/s, time to first token (TTFT)
-and failed streams, plus Corral's ratios to in-process. Targets: single-stream
+and failed streams, plus each stack's ratios to in-process. The stacks take
+turns round by round, and ratios are medians over paired streams (same round,
+same prompt), so a shared box getting busier or quieter affects both sides. Targets: single-stream
 decode >= 0.95x in-process, TTFT <= in-process + 20 ms, no failed streams at
 concurrency 4. Results go to bench/results/overhead-<time>.json.
 
@@ -413,9 +415,25 @@ def main() -> None:
     report(list(results.values()), args, lengths)
 
 
+def paired(stack: Result, base: Result) -> tuple[float, float]:
+    """``stack`` against ``base`` stream by stream (same round, same prompt): the median
+    decode ratio and the median TTFT difference in ms. Pairing cancels the drift of a
+    shared, noisy box between rounds, which comparing two medians would not."""
+    pairs = [
+        (s, b)
+        for s, b in zip(stack.streams, base.streams, strict=True)
+        if s.error is None and b.error is None and b.decode_tps
+    ]
+    if not pairs:
+        return 0.0, 0.0
+    ratio = statistics.median(s.decode_tps / b.decode_tps for s, b in pairs)
+    extra = 1000 * statistics.median(s.ttft - b.ttft for s, b in pairs)
+    return ratio, extra
+
+
 def report(results: list[Result], args: argparse.Namespace, lengths: dict[str, int]) -> None:
     rows = sorted((r.summary() for r in results), key=lambda r: r["concurrency"])
-    base = {row["concurrency"]: row for row in rows if row["stack"] == "in-process"}
+    base = {r.concurrency: r for r in results if r.stack == "in-process"}
     print()
     columns = [  # header, key, format (the header sets the width)
         ("stack        ", "stack", "{:13s}"),
@@ -430,17 +448,14 @@ def report(results: list[Result], args: argparse.Namespace, lengths: dict[str, i
         ("TTFT +ms", "ttft_ms_over_in_process", "{:>+8.1f}"),
     ]
     print(" ".join(header for header, _, _ in columns))
+    found = {(r.stack, r.concurrency): r for r in results}
     for row in rows:
-        b = base[row["concurrency"]]
-        ratio = row["decode_tps_median"] / b["decode_tps_median"] if b["decode_tps_median"] else 0
-        row["decode_ratio_vs_in_process"] = ratio
-        row["ttft_ms_over_in_process"] = row["ttft_ms_median"] - b["ttft_ms_median"]
+        ratio, extra = paired(found[row["stack"], row["concurrency"]], base[row["concurrency"]])
+        row["decode_ratio_vs_in_process"], row["ttft_ms_over_in_process"] = ratio, extra
         print(" ".join(fmt.format(row[key]) for _, key, fmt in columns))
     corral1 = next(r for r in rows if r["stack"] == "corral" and r["concurrency"] == 1)
     corral4 = next(r for r in rows if r["stack"] == "corral" and r["concurrency"] == 4)
-    engine1 = next(r for r in rows if r["stack"] == "engine" and r["concurrency"] == 1)
-    serving_ratio = corral1["decode_tps_median"] / engine1["decode_tps_median"]
-    serving_ttft = corral1["ttft_ms_median"] - engine1["ttft_ms_median"]
+    serving_ratio, serving_ttft = paired(found["corral", 1], found["engine", 1])
     print(
         f"\ncorral vs its own engine in process (serving cost alone): decode x{serving_ratio:.3f}, "
         f"TTFT {serving_ttft:+.1f} ms"

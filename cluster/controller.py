@@ -31,6 +31,7 @@ from nodes.models import LocalModel, builtin_models, normalize_name
 log = logging.getLogger("corral.controller")
 
 TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
+RELOCATE_EVERY = 15  # ticks between asking every replica where it runs
 
 
 def app_name_for(model: str) -> str:
@@ -68,16 +69,23 @@ class Controller:
         return [s.model_dump() for s in self._inventory.snapshot(by_node)]
 
     async def _tick_forever(self) -> None:
+        ticks = 0
         while True:
             try:
                 await self._inventory.refresh()
-                await self._locate_replicas()
+                await self._locate_replicas(everyone=ticks % RELOCATE_EVERY == 0)
             except Exception:  # noqa: BLE001 - one bad tick must not stop the controller
                 log.exception("controller tick failed")
+            ticks += 1
             await asyncio.sleep(TICK_SECONDS)
 
-    async def _locate_replicas(self) -> None:
+    async def _locate_replicas(self, everyone: bool) -> None:
+        """Ask replicas where they run: new ones and those whose node went away every tick,
+        all of them now and then (Serve may restart a replica elsewhere)."""
+        alive = {n.node_id for n in self._inventory.nodes if n.alive}
         for model, app in list(self._running.items()):
+            if not everyone and self._model_nodes.get(model) in alive:
+                continue
             handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app, _check_exists=False)
             try:
                 self._model_nodes[model] = await asyncio.wait_for(handle.where.remote(), 2)
