@@ -150,8 +150,8 @@ def _settings_error(
         loc = tuple(err["loc"])
         key = str(loc[0]) if loc else ""
         env = ENV_PREFIX + "__".join(str(p).upper() for p in loc)
-        if key in given:
-            where = f"--{key.replace('_', '-')}"
+        if key in given:  # a flag; for node settings the flag is the inner name
+            where = "--" + str(loc[-1] if key == "node" else key).replace("_", "-")
         elif env in os.environ:
             where = env
         elif doc is not None:

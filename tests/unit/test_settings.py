@@ -105,3 +105,16 @@ def test_host_forms(value, expected):
 def test_bad_hosts(value):
     with pytest.raises(ValueError):
         parse_host(value)
+
+
+def test_node_settings_from_file_environment_and_flags(tmp_path, monkeypatch):
+    cfg = tmp_path / "corral.yaml"
+    cfg.write_text("node:\n  name: nas\n  reserve_ram: 1GiB\n  port: 6400\n")
+    monkeypatch.setenv("CORRAL_NODE__RESERVE_RAM", "3GiB")
+    s = load_settings(cfg, node={"port": 6500})
+    assert (s.node.name, s.node.reserve_ram, s.node.port) == ("nas", 3 * 1024**3, 6500)
+    with pytest.raises(ConfigError, match="--reserve-ram: could not parse"):
+        load_settings(node={"reserve_ram": "lots"})
+    cfg.write_text("node:\n  name: nas\n  reserve_rams: 1GiB\n")
+    with pytest.raises(ConfigError, match=r"corral.yaml:3: node.reserve_rams: unknown setting"):
+        load_settings(cfg)
