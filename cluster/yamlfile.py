@@ -1,8 +1,8 @@
 """YAML config files whose errors name the file, the line and the field.
 
 ``load(path)`` parses a file and remembers the line of every key and list item,
-so that ``ConfigError.from_validation`` can turn pydantic's errors (which know
-only the field path) into ``file:line: field: problem`` messages.
+so that pydantic's errors (which know only the field path) can be reported as
+``file:line: field: problem`` (see ``YamlDocument.line_of``).
 """
 
 from __future__ import annotations
@@ -11,23 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
 
 Loc = tuple[str | int, ...]
 
 
 class ConfigError(Exception):
     """A config file a person must fix; the message says where and how."""
-
-    @classmethod
-    def from_validation(cls, exc: ValidationError, doc: YamlDocument) -> ConfigError:
-        lines = []
-        for err in exc.errors():
-            loc = tuple(err["loc"])
-            field = ".".join(map(str, loc)) or "(top level)"
-            where = f"{doc.path}:{doc.line_of(loc)}" if doc.line_of(loc) else str(doc.path)
-            lines.append(f"{where}: {field}: {explain_error(err)}")
-        return cls("\n".join(lines))
 
 
 class YamlDocument:
@@ -44,13 +33,6 @@ class YamlDocument:
             if (line := self._lines.get(loc[:end])) is not None:
                 return line
         return None
-
-    def validate(self, model: type[BaseModel]) -> BaseModel:
-        """``model`` built from this document, or a ``ConfigError`` naming the lines."""
-        try:
-            return model.model_validate(self.data)
-        except ValidationError as exc:
-            raise ConfigError.from_validation(exc, self) from None
 
 
 def load(path: str | Path) -> YamlDocument:

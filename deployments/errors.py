@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from nodes.errors import CorralError
+from nodes.errors import CorralError, ServiceUnavailable
 
 log = logging.getLogger("corral.errors")
 
@@ -54,18 +54,15 @@ def unwrap(exc: BaseException) -> BaseException:
 def classify(exc: BaseException) -> ApiError:
     """Map any exception to the error a client should see."""
     exc = unwrap(exc)
+    if isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError):
+        exc = ServiceUnavailable(
+            "The model's replica stopped while serving this request. Retry it."
+        )
     if isinstance(exc, CorralError):
         status, type_, code = _KINDS.get(exc.kind, (500, "server_error", exc.kind))
         return ApiError(status, exc.message, type_, code, exc.param)
     if isinstance(exc, RequestValidationError | ValidationError):
         return _validation_error(exc.errors())
-    if isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError):
-        return ApiError(
-            503,
-            "The model's replica stopped while serving this request. Retry it.",
-            "server_error",
-            "service_unavailable",
-        )
     log.error("unexpected error", exc_info=exc)
     return INTERNAL
 

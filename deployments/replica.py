@@ -36,7 +36,6 @@ from ray.serve.deployment import Application
 from nodes.engine import (
     Embeddings,
     Engine,
-    EngineInfo,
     EngineSpec,
     Finished,
     GenerateRequest,
@@ -150,9 +149,6 @@ class ModelReplica:
         self._pending = 0  # generations submitted and not finished
         self._cancels: set[threading.Event] = set()  # one per live generation
         self._outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
-
-    async def info(self) -> EngineInfo:
-        return self._engine.info
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(pending=self._pending, **self._outcomes)

@@ -212,7 +212,3 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
