@@ -8,6 +8,7 @@ download and no network.
 from __future__ import annotations
 
 import importlib.resources
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +32,27 @@ class LocalModel:
         return cls(name=name, path=str(path), size=stat.st_size, modified_at=stat.st_mtime)
 
 
+# Ollama's names: [host/][namespace/]model[:tag]; each part letters, digits and
+# "._-" (a host may carry a port), never "..", never empty.
+_PART = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+_NAME = re.compile(rf"^(?:{_PART}(?::\d+)?/)?(?:{_PART}/)?{_PART}(?::{_PART})?$")
+
+
 def normalize_name(name: str) -> str:
     """Ollama's rule: a name without a tag means the ``latest`` tag."""
     name = name.strip()
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def check_name(name: str) -> str:
+    """``name`` normalized, or ``ValueError`` saying what a model name may hold."""
+    name = name.strip()
+    if len(name) > 200 or ".." in name or not _NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not a model name: use model or model:tag, optionally after "
+            f"namespace/ or host/namespace/, with letters, digits, '.', '_' and '-'"
+        )
+    return normalize_name(name)
 
 
 def starter_model_path() -> Path:
