@@ -5,12 +5,15 @@ package (llama.cpp's own reader). ``estimate_memory`` turns that into the RAM
 and VRAM one replica takes for a context length, KV-cache type and number of
 GPU layers, following how llama.cpp allocates:
 
-- weights: the tensors' own bytes. Layer ``i`` goes to the GPU when it is one
-  of the last ``gpu_layers`` blocks; the output head goes with it once every
-  block is offloaded (``gpu_layers = n_layers + 1``, llama.cpp's ``-ngl``
-  counting); token embeddings always stay in RAM.
-- KV cache: ``n_ctx`` cells of ``n_head_kv * (head_dim_k + head_dim_v)``
-  values per layer, on the device of its layer.
+- weights: the tensors' own bytes. llama.cpp counts the output head as layer
+  ``n_layers`` and offloads the last ``gpu_layers`` of ``n_layers + 1``: the
+  head first (with a copy of the token embeddings when the head is tied to
+  them), then blocks from the last one down. Token embeddings always stay in
+  RAM.
+- KV cache: ``n_ctx`` cells (llama.cpp rounds up to a multiple of 256) of
+  ``n_head_kv * (head_dim_k + head_dim_v)`` values per layer, on the device of
+  its layer. The engine uses f16; quantized types need flash attention, which
+  it does not turn on.
 - compute buffers: llama.cpp reserves a graph for a 512-token micro-batch; the
   larger of the attention scores (``n_ctx x n_ubatch x n_head`` floats) and the
   logits (``n_ubatch x n_vocab`` floats) sets its size. On the CPU, the
@@ -18,11 +21,12 @@ GPU layers, following how llama.cpp allocates:
 - a fixed allowance for the runtime (threads, allocator) and, per GPU, the
   CUDA context.
 
-Measured on the starter model (``bench/estimate.py``): within 3% of the
-buffer sizes llama.cpp logs, and within 1% of the RSS growth of a replica that
-filled a 4096- or 8192-token context. Smaller contexts come out above the RSS
-(up to a third at 512 tokens): llama.cpp reserves room for 512 rows of logits
-that a chat never fills. Reserving too much is the safe side. The GPU figures
+Measured (``bench/estimate.py``, the starter model and a synthetic F16 model
+of another shape): within 1% of the buffer sizes llama.cpp logs, and within 4%
+of the RSS growth of a replica that filled a context of 2048 tokens or more.
+Smaller contexts come out above the RSS (up to half again at 512 tokens):
+llama.cpp reserves room for 512 rows of logits that a chat never fills.
+Reserving too much is the safe side. The GPU figures
 follow the same rules but are not measured here (no GPU on the dev box).
 
 Sliding-window attention and KV sharing, which some architectures use to save
@@ -42,6 +46,7 @@ GGUF_MAGIC = b"GGUF"
 MIB = 1024**2
 
 N_UBATCH = 512  # llama.cpp's default micro-batch; the graph is reserved for it
+N_CTX_PAD = 256  # llama.cpp rounds the context up to a multiple of this
 RUNTIME_OVERHEAD = 16 * MIB  # threads, allocator, buffers outside llama.cpp's accounting
 GPU_OVERHEAD = 512 * MIB  # CUDA context, cuBLAS workspace, fragmentation (per GPU)
 # Bytes per value of the KV-cache types llama.cpp accepts (block bytes / block size).
@@ -61,10 +66,17 @@ KV_TYPES: dict[str, float] = {
 def check_gguf(path: str | Path) -> None:
     """Refuse a missing, empty or non-GGUF file with a message that says which."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ModelLoadFailed(f"The model file {p} does not exist.")
-    with p.open("rb") as f:
-        magic = f.read(4)
+    if not p.is_file():
+        raise ModelLoadFailed(f"The model path {p} is not a file.")
+    try:
+        with p.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadFailed(f"The model file {p} cannot be read: {exc.strerror}.") from None
+    if not magic:
+        raise ModelLoadFailed(f"The model file {p} is empty. Re-download or re-create the model.")
     if magic != GGUF_MAGIC:
         raise ModelLoadFailed(
             f"The model file {p} is not a GGUF file (it starts with {magic!r}, not b'GGUF'). "
@@ -156,15 +168,21 @@ def read_gguf(path: str | Path) -> GgufInfo:
 
 @functools.lru_cache(maxsize=128)
 def _read_gguf(path: str, size: int, mtime_ns: int) -> GgufInfo:
-    import gguf  # numpy-heavy; only the processes that plan import it
-
     try:
-        reader = gguf.GGUFReader(path)
+        return _parse(path, size)
+    except ModelLoadFailed:
+        raise
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt files raise anything
         raise ModelLoadFailed(
             f"The model file {path} is not a readable GGUF file ({exc}). "
             f"It may be truncated or corrupt; re-download or re-create the model."
         ) from None
+
+
+def _parse(path: str, size: int) -> GgufInfo:
+    import gguf  # numpy-heavy; only the processes that plan import it
+
+    reader = gguf.GGUFReader(path)
 
     def field(key: str, default=None):
         f = reader.fields.get(key)
@@ -247,9 +265,11 @@ def estimate_memory(
         raise ValueError(f"unknown KV-cache type {kv_type!r}; use one of {', '.join(KV_TYPES)}")
     n = info.n_layers
     gpu_layers = max(0, min(gpu_layers, n + 1))
-    first_gpu = n + 1 - gpu_layers if gpu_layers else n + 1  # blocks from here on are offloaded
+    first_gpu = n + 1 - gpu_layers  # layers from here on are offloaded; the head is layer n
     on_gpu = [i >= first_gpu for i in range(n)]
-    head_on_gpu = gpu_layers == n + 1
+    head_on_gpu = gpu_layers > 0
+    all_on_gpu = gpu_layers == n + 1
+    cells = -(-n_ctx // N_CTX_PAD) * N_CTX_PAD
 
     weights_vram = sum(b for b, g in zip(info.layer_bytes, on_gpu, strict=True) if g)
     weights_ram = sum(info.layer_bytes) - weights_vram + info.input_bytes
@@ -258,22 +278,22 @@ def estimate_memory(
     else:
         weights_ram += info.output_bytes
 
-    kv = [int(n_ctx * info.kv_bytes_per_token(i, kv_type)) for i in range(n)]
+    kv = [int(cells * info.kv_bytes_per_token(i, kv_type)) for i in range(n)]
     kv_vram = sum(b for b, g in zip(kv, on_gpu, strict=True) if g)
     kv_ram = sum(kv) - kv_vram
 
-    b = min(n_ubatch, n_ctx)
-    attention = 4 * b * (1 + 4 * info.n_embd + n_ctx * (1 + info.n_head))
+    b = min(n_ubatch, cells)
+    attention = 4 * b * (1 + 4 * info.n_embd + cells * (1 + info.n_head))
     logits = 4 * b * (info.n_embd + info.n_vocab)
     graph = max(attention, logits)
-    f16_scores = 2 * b * n_ctx * info.n_head  # the CPU's work buffer for softmax(KQ) @ V
+    f16_scores = 2 * b * cells * info.n_head  # the CPU's work buffer for softmax(KQ) @ V
     output = 4 * info.n_vocab
-    if gpu_layers == 0:
+    if not head_on_gpu:
         compute_ram, compute_vram, work_ram = graph + output, 0, f16_scores
-    elif head_on_gpu:
+    elif all_on_gpu:
         compute_ram, compute_vram, work_ram = 4 * b * info.n_embd + output, graph, 0
-    else:
-        compute_ram, compute_vram, work_ram = graph + output, attention, f16_scores
+    else:  # blocks on both sides; the logits on the GPU with the head
+        compute_ram, compute_vram, work_ram = attention + output, graph, f16_scores
     return MemoryEstimate(
         n_ctx=n_ctx,
         gpu_layers=gpu_layers,
