@@ -16,8 +16,8 @@ _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 def parse_duration(value: str | float | int) -> float:
     """Seconds in ``value`` (``FOREVER`` if negative); ``ValueError`` says what is allowed."""
-    if isinstance(value, bool):
-        raise ValueError(_ALLOWED)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(_ALLOWED)  # YAML's yes/no, an empty value, a list...
     if isinstance(value, int | float):
         seconds = float(value)
     else:
@@ -29,7 +29,7 @@ def parse_duration(value: str | float | int) -> float:
 
 def format_duration(seconds: float) -> str:
     """``5m``, ``1h30m``, ``45s``, ``forever``: how ``corral`` shows a duration."""
-    if seconds == FOREVER:
+    if seconds == FOREVER or seconds < 0:  # negative means forever, as in parse_duration
         return "forever"
     total = round(seconds)
     if total == 0 and seconds > 0:
