@@ -1,0 +1,544 @@
+"""The planner: which models run on which nodes, with how much memory, and why.
+
+``plan(nodes, specs, current, models=...)`` is pure: plain data in, a ``Plan``
+out. For every replica it must place it runs a chain (filter nodes, fit the
+model on each candidate, score, pick) in which every step that drops a node
+records why, so a model that cannot run comes back with a reason a person
+understands: "needs 5.1 GiB RAM (context 8192, on the CPU); nas has 3.2 GiB free;
+gpubox is excluded by placement.nodes".
+
+Existing placements move only when they must: a placement whose node is still
+up and allowed, and whose model's settings did not change, is kept as it is
+(its GPU layers too, even if more would now fit). Then models that need more
+replicas are placed, pinned models first, then those that need a GPU, then
+those fewer nodes may take, then the largest first (first-fit decreasing;
+picking the tightest fit keeps room for what comes next). A model that cannot
+get its min replicas gives back the ones it just got, so that they do not
+crowd out models that can get all theirs, and gets what is left once every
+model had its turn (a pinned model keeps what it got).
+
+Replicas of a model on one node are one placement and share its settings:
+under ``gpu: auto`` they split the node's free VRAM, each taking the most GPU
+layers that fit its share, the rest of the model in RAM.
+
+Memory is the planner's own accounting: a node's offer (Ray's ``memory`` and
+``vram_mib`` resources) minus the estimates of the placements on it, the same
+numbers each replica then reserves from Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from cluster.spec import ModelSpec
+from nodes.gguf import GgufInfo, MemoryEstimate, estimate_memory
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+@dataclass(frozen=True, slots=True)
+class PlanNode:
+    """What the planner needs to know about a node."""
+
+    name: str
+    up: bool
+    ram: int  # bytes Corral may use on it
+    vram: int = 0  # bytes, all GPUs together
+    gpus: int = 0
+    cores: int = 1
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Replicas of one model on one node, with the settings and memory of each."""
+
+    model: str
+    node: str
+    replicas: int
+    context: int
+    threads: int
+    gpu_layers: int
+    ram: int  # bytes per replica
+    vram: int  # bytes per replica
+    path: str  # the GGUF file the replicas load
+    reason: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.model, self.node
+
+    @property
+    def engine(self) -> tuple[int, int, int, str]:
+        """The settings a replica loads with: changing any means reloading it."""
+        return self.context, self.threads, self.gpu_layers, self.path
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaced:
+    """A model that got fewer replicas than it needs, and why."""
+
+    model: str
+    wanted: int
+    placed: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    placements: tuple[Placement, ...]
+    unplaced: tuple[Unplaced, ...] = ()
+    notes: tuple[str, ...] = ()  # warnings that do not stop anything
+
+    def for_model(self, model: str) -> list[Placement]:
+        return [p for p in self.placements if p.model == model]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One line of a plan's diff: ``+`` add, ``-`` remove, ``~`` change."""
+
+    op: Literal["+", "-", "~"]
+    before: Placement | None
+    after: Placement | None
+
+    @property
+    def placement(self) -> Placement:
+        return self.after or self.before  # type: ignore[return-value]
+
+    @property
+    def reload(self) -> bool:
+        """Whether the change restarts the replicas (not just adds or removes some)."""
+        return self.op == "~" and self.before.engine != self.after.engine  # type: ignore[union-attr]
+
+    def describe(self) -> str:
+        p = self.placement
+        head = f"{self.op} {p.model} on {p.node}"
+        if self.op != "~":
+            return f"{head}: {describe_placement(p)}"
+        before, after = self.before, self.after
+        assert before is not None and after is not None
+        fields = ("replicas", "context", "threads", "gpu_layers", "ram", "vram", "path")
+        parts = []
+        for name in fields:
+            old, new = getattr(before, name), getattr(after, name)
+            if old != new:
+                show = human_bytes if name in ("ram", "vram") else str
+                parts.append(f"{name.replace('_', ' ')} {show(old)} -> {show(new)}")
+        return f"{head}: {', '.join(parts)}"
+
+
+def describe_placement(p: Placement) -> str:
+    where = _device(p.gpu_layers)
+    memory = f"{human_bytes(p.ram)} RAM" + (f" + {human_bytes(p.vram)} VRAM" if p.vram else "")
+    return (
+        f"{p.replicas} replica{'s' if p.replicas != 1 else ''}, context {p.context}, "
+        f"{p.threads} threads, {where}, {memory} each"
+    )
+
+
+def diff(current: Iterable[Placement], plan: Plan) -> list[Change]:
+    """What applying ``plan`` changes in ``current``, removals first."""
+    before = {p.key: p for p in current}
+    after = {p.key: p for p in plan.placements}
+    changes = [Change("-", p, None) for k, p in before.items() if k not in after]
+    for key, p in after.items():
+        old = before.get(key)
+        if old is None:
+            changes.append(Change("+", None, p))
+        elif (old.replicas, old.engine) != (p.replicas, p.engine):
+            changes.append(Change("~", old, p))
+    return changes
+
+
+def plan(
+    nodes: Sequence[PlanNode],
+    specs: Sequence[ModelSpec],
+    current: Sequence[Placement],
+    *,
+    models: Mapping[str, GgufInfo],
+    default_context: int = 4096,
+    default_threads: int | None = None,
+) -> Plan:
+    """Placements for ``specs`` on ``nodes``, keeping what runs in ``current`` where it may.
+
+    ``models`` holds the GGUF facts of each spec's model, by spec name.
+    ``default_context`` and ``default_threads`` apply where a spec sets none
+    (threads default to the node's cores).
+    """
+    planner = _Planner(nodes, models, default_context, default_threads)
+    by_model: dict[str, list[Placement]] = {}
+    for p in current:
+        by_model.setdefault(p.model, []).append(p)
+    order = sorted(specs, key=planner.priority)
+    for spec in order:
+        planner.keep(spec, by_model.get(spec.name, []))
+    targets = {
+        spec.name: _target(spec, sum(p.replicas for p in by_model.get(spec.name, [])))
+        for spec in specs
+    }
+    short = [spec for spec in order if not planner.fill(spec, targets[spec.name])]
+    for spec in short:  # what is left goes to the models that cannot get all they need
+        planner.fill(spec, targets[spec.name], partial=True)
+    return planner.result(specs)
+
+
+def _target(spec: ModelSpec, running: int) -> int:
+    """Replicas a model should have: what runs, kept within min..max."""
+    return max(spec.replicas.min, min(running, spec.replicas.max))
+
+
+class _Planner:
+    """The state of one ``plan`` call: free memory per node and placements so far."""
+
+    def __init__(
+        self,
+        nodes: Sequence[PlanNode],
+        models: Mapping[str, GgufInfo],
+        default_context: int,
+        default_threads: int | None,
+    ) -> None:
+        self.nodes = {n.name: n for n in nodes}
+        self.models = models
+        self.default_context = default_context
+        self.default_threads = default_threads
+        self.free_ram = {n.name: n.ram for n in nodes}
+        self.free_vram = {n.name: n.vram for n in nodes}
+        self.placed: dict[tuple[str, str], Placement] = {}
+        self.running: set[tuple[str, str]] = set()  # placements kept exactly as they run
+        self.failures: dict[str, str] = {}  # model -> why its last replica found no node
+        self.notes: list[str] = []
+        self._estimates: dict[tuple[str, int, int, int], MemoryEstimate] = {}
+        self._allowed_nodes: dict[str, set[str]] = {}
+
+    # -- the steps -----------------------------------------------------------
+
+    def keep(self, spec: ModelSpec, existing: list[Placement]) -> None:
+        """Keep existing placements of ``spec`` that may stay, up to its replica target."""
+        budget = _target(spec, sum(p.replicas for p in existing))
+        for p in sorted(existing, key=lambda p: (-p.replicas, p.node)):
+            node = self.nodes.get(p.node)
+            if budget == 0 or node is None or self._excluded(spec, node) is not None:
+                continue
+            replicas = min(p.replicas, budget)
+            if self._settings_match(spec, node, p) and self._room(p, replicas):
+                kept = replace(p, replicas=replicas, reason=p.reason or "already running here")
+                self.running.add(kept.key)
+            else:  # the model's settings changed, or the node shrank: re-fit in place
+                fits = ((n, self._fit(spec, node, n)) for n in range(replicas, 0, -1))
+                n, est = next(((n, f) for n, f in fits if not isinstance(f, str)), (0, None))
+                if est is None:
+                    continue
+                kept = replace(self._placement(spec, node, n, est), reason="already running here")
+            self._reserve(kept)
+            budget -= kept.replicas
+
+    def fill(self, spec: ModelSpec, target: int, *, partial: bool = False) -> bool:
+        """Add replicas of ``spec`` until it has ``target``, one node choice at a time.
+
+        Whether it has its min replicas now. If not, the replicas this call added
+        are taken back (so that they do not crowd out models that can get all
+        they need), unless ``partial`` or the model is pinned.
+        """
+        before = {k: p for k, p in self.placed.items() if p.model == spec.name}
+        while self._count(spec.name) < target:
+            choice = self._choose(spec)
+            if isinstance(choice, str):
+                self.failures[spec.name] = choice
+                enough = self._count(spec.name) >= spec.replicas.min
+                if not (enough or partial or spec.pinned):
+                    self._restore(spec.name, before)
+                return enough
+            self._reserve(choice)
+        return True
+
+    def _choose(self, spec: ModelSpec) -> Placement | str:
+        """Filter, fit, score, pick: the best placement for one more replica, or why none."""
+        best: tuple | None = None
+        refused: list[PlanNode] = []
+        allowed = self._allowed(spec)
+        for node in self.nodes.values():
+            if node.name in allowed:
+                held = self.placed.get((spec.name, node.name))
+                count = held.replicas if held else 0
+                if held is not None and held.key in self.running:
+                    # running replicas keep their settings: one more is one more like them
+                    fitted: Placement | MemoryEstimate | str = (
+                        replace(held, replicas=count + 1) if self._room(held, count + 1) else ""
+                    )
+                else:
+                    fitted = self._fit(spec, node, count + 1)
+                if not isinstance(fitted, str):
+                    score = self._score(spec, node, count, fitted)
+                    if best is None or score < best[0]:
+                        best = (score, node, fitted)
+                    continue
+            refused.append(node)
+        if best is None:  # only now say why, node by node
+            return self._explain(spec, refused)
+        _, node, fitted = best
+        if isinstance(fitted, Placement):
+            return fitted
+        held = self.placed.get((spec.name, node.name))
+        return self._placement(spec, node, (held.replicas if held else 0) + 1, fitted)
+
+    def _excluded(self, spec: ModelSpec, node: PlanNode) -> str | None:
+        """Why ``node`` may not run ``spec`` at all (before any memory is counted)."""
+        where = spec.placement
+        if not node.up:
+            return f"{node.name} is down"
+        if where.nodes is not None and node.name not in where.nodes:
+            return f"{node.name} is excluded by placement.nodes"
+        for key, value in where.labels.items():
+            if node.labels.get(key) != value:
+                have = node.labels.get(key)
+                return f"{node.name} has label {key}={have}, not {value}"
+        if where.gpu == "required" and node.vram == 0:
+            return f"{node.name} has no GPU (placement.gpu is required)"
+        if node.ram == 0:
+            return f"{node.name} offers no memory to Corral"
+        return None
+
+    def _fit(self, spec: ModelSpec, node: PlanNode, replicas: int) -> MemoryEstimate | str:
+        """The memory of each of ``replicas`` replicas of ``spec`` on ``node`` (replicas on
+        one node share one setting), or why they do not fit.
+
+        They may use what is free there plus what this model's placement on the
+        node already holds (it is re-fitted as a whole). Under ``gpu: auto`` each
+        replica gets the most GPU layers that fit its share of the VRAM; the rest
+        of the model stays in RAM.
+        """
+        info = self.models[spec.name]
+        context = spec.context or self.default_context
+        free_ram, free_vram = self.free_ram[node.name], self.free_vram[node.name]
+        held = self.placed.get((spec.name, node.name))
+        if held is not None:
+            free_ram += held.replicas * held.ram
+            free_vram += held.replicas * held.vram
+        if spec.placement.gpu == "never" or node.vram == 0:
+            est = self._estimate(spec.name, context, 0, 1)
+        elif spec.placement.gpu == "required":
+            est = self._estimate(spec.name, context, info.n_layers + 1, node.gpus)
+        else:
+            est = self._fit_layers(spec.name, context, free_vram // replicas, max(node.gpus, 1))
+        for kind, free, need in (("VRAM", free_vram, est.vram), ("RAM", free_ram, est.ram)):
+            if need * replicas <= free:
+                continue
+            if replicas > 1:  # the model has replicas - 1 here already (or keeps that many)
+                return (
+                    f"{node.name} has room for {replicas - 1}, not {replicas}: "
+                    f"{human_bytes(free)} {kind} for them, {replicas} need "
+                    f"{human_bytes(need * replicas)} ({_needs(est, info)})"
+                )
+            if kind == "VRAM":
+                return (
+                    f"{node.name} has {human_bytes(free)} VRAM free, "
+                    f"needs {human_bytes(need)} for the whole model"
+                )
+            if est.gpu_layers == 0:
+                return f"{node.name} has {human_bytes(free)} free"
+            return f"{node.name} has {human_bytes(free)} free, needs {human_bytes(need)} with " + (
+                _needs(est, info)
+            )
+        return est
+
+    def _placement(
+        self, spec: ModelSpec, node: PlanNode, replicas: int, est: MemoryEstimate
+    ) -> Placement:
+        info = self.models[spec.name]
+        device = _device(est.gpu_layers, info.n_layers + 1)
+        return Placement(
+            model=spec.name,
+            node=node.name,
+            replicas=replicas,
+            context=est.n_ctx,
+            threads=spec.threads or self.default_threads or node.cores,
+            gpu_layers=est.gpu_layers,
+            ram=est.ram,
+            vram=est.vram,
+            path=info.path,
+            reason=f"{spec.placement.strategy}: fits {node.name} with {device}",
+        )
+
+    def _score(
+        self, spec: ModelSpec, node: PlanNode, count: int, p: Placement | MemoryEstimate
+    ) -> tuple:
+        """Lower is better: spread away from (or pack onto) nodes with this model, then
+        more of the model on a GPU, then the tightest fit. ``p`` is the model on
+        ``node`` with one replica more than the ``count`` there now."""
+        held = self.placed.get((spec.name, node.name))
+        left = self.free_ram[node.name] + (held.replicas * held.ram if held else 0)
+        left -= (count + 1) * p.ram
+        gpu_share = p.gpu_layers / (self.models[spec.name].n_layers + 1)
+        together = -count if spec.placement.strategy == "pack" else count
+        return together, -gpu_share, left, node.name
+
+    def _explain(self, spec: ModelSpec, refused: list[PlanNode]) -> str:
+        info = self.models[spec.name]
+        context = spec.context or self.default_context
+        if spec.placement.gpu == "required":
+            gpu = estimate_memory(info, context, gpu_layers=info.n_layers + 1)
+            need = f"needs {human_bytes(gpu.vram)} VRAM ({_needs(gpu, info)})"
+        else:
+            cpu = self._estimate(spec.name, context, 0, 1)
+            need = f"needs {human_bytes(cpu.ram)} RAM ({_needs(cpu, info)})"
+        if not self.nodes:
+            return f"{need}; the cluster has no nodes"
+        reasons = []
+        for node in refused:
+            reason = self._excluded(spec, node)
+            held = self.placed.get((spec.name, node.name))
+            if reason is None and held is not None and held.key in self.running:
+                has = f"{human_bytes(self.free_ram[node.name])} free"
+                wants = f"{human_bytes(held.ram)} RAM"
+                if held.vram:
+                    has += f" and {human_bytes(self.free_vram[node.name])} VRAM free"
+                    wants += f" + {human_bytes(held.vram)} VRAM"
+                reason = f"{node.name} has {has}, needs {wants} for one more replica"
+            elif reason is None:
+                fitted = self._fit(spec, node, (held.replicas if held else 0) + 1)
+                reason = fitted if isinstance(fitted, str) else f"{node.name} is full"
+            reasons.append(reason)
+        return f"{need}; " + "; ".join(reasons)
+
+    # -- memory estimates ------------------------------------------------------
+
+    def _estimate(self, model: str, context: int, gpu_layers: int, gpus: int) -> MemoryEstimate:
+        key = (model, context, gpu_layers, gpus)
+        est = self._estimates.get(key)
+        if est is None:
+            info = self.models[model]
+            est = estimate_memory(info, context, gpu_layers=gpu_layers, gpus=gpus)
+            self._estimates[key] = est
+        return est
+
+    def _fit_layers(self, model: str, context: int, vram: int, gpus: int) -> MemoryEstimate:
+        """``nodes.gguf.fit_gpu_layers`` on this plan's memo of estimates: the most GPU
+        layers whose VRAM fits ``vram``. VRAM grows with every layer, by about the
+        same amount per block, so an interpolated guess (bisection if that stalls)
+        finds it in a few estimates."""
+        top = self._estimate(model, context, self.models[model].n_layers + 1, gpus)
+        if top.vram <= vram:
+            return top
+        lo, hi = 0, top.gpu_layers  # VRAM of lo fits, of hi does not
+        v_lo, v_hi = 0, top.vram
+        for step in itertools.count():
+            if hi - lo <= 1:
+                break
+            mid = (lo + hi) // 2
+            if step < 3 and v_lo < v_hi:
+                mid = min(max(lo + (vram - v_lo) * (hi - lo) // (v_hi - v_lo), lo + 1), hi - 1)
+            v_mid = self._estimate(model, context, mid, gpus).vram
+            if v_mid <= vram:
+                lo, v_lo = mid, v_mid
+            else:
+                hi, v_hi = mid, v_mid
+        return self._estimate(model, context, lo, gpus)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def priority(self, spec: ModelSpec) -> tuple:
+        """Placing order: pinned models, then those that need a GPU (the others can fall
+        back to RAM), then those fewer nodes may take, then the largest."""
+        allowed = len(self._allowed(spec))
+        size = self._estimate(spec.name, spec.context or self.default_context, 0, 1).ram
+        return not spec.pinned, spec.placement.gpu != "required", allowed, -size, spec.name
+
+    def _allowed(self, spec: ModelSpec) -> set[str]:
+        """The nodes ``_excluded`` lets run ``spec``."""
+        allowed = self._allowed_nodes.get(spec.name)
+        if allowed is None:
+            nodes = self.nodes.values()
+            allowed = {n.name for n in nodes if self._excluded(spec, n) is None}
+            self._allowed_nodes[spec.name] = allowed
+        return allowed
+
+    def _count(self, model: str) -> int:
+        return sum(p.replicas for p in self.placed.values() if p.model == model)
+
+    def _settings_match(self, spec: ModelSpec, node: PlanNode, p: Placement) -> bool:
+        info = self.models[spec.name]
+        threads = spec.threads or self.default_threads or node.cores
+        gpu = spec.placement.gpu
+        gpu_ok = (
+            (gpu == "never" and p.gpu_layers == 0)
+            or (gpu == "required" and p.gpu_layers == info.n_layers + 1)
+            or (gpu == "auto" and (p.gpu_layers == 0 or node.vram > 0))
+        )
+        context = spec.context or self.default_context
+        return gpu_ok and (p.context, p.threads, p.path) == (context, threads, info.path)
+
+    def _room(self, p: Placement, replicas: int) -> bool:
+        """Whether ``p``'s node has room for ``replicas`` of it as they are (counting
+        the replicas of it already placed there)."""
+        held = self.placed.get(p.key)
+        extra = replicas - (held.replicas if held else 0)
+        return self.free_ram[p.node] >= extra * p.ram and self.free_vram[p.node] >= extra * p.vram
+
+    def _reserve(self, p: Placement) -> None:
+        """Make ``p`` the placement of its model on its node, in place of any before."""
+        self._release(p.key)
+        self.placed[p.key] = p
+        self.free_ram[p.node] -= p.replicas * p.ram
+        self.free_vram[p.node] -= p.replicas * p.vram
+
+    def _release(self, key: tuple[str, str]) -> None:
+        held = self.placed.pop(key, None)
+        if held is not None:
+            self.free_ram[held.node] += held.replicas * held.ram
+            self.free_vram[held.node] += held.replicas * held.vram
+
+    def _restore(self, model: str, before: Mapping[tuple[str, str], Placement]) -> None:
+        """Put ``model``'s placements back to ``before``."""
+        for key in [k for k, p in self.placed.items() if p.model == model]:
+            self._release(key)
+        for p in before.values():
+            self._reserve(p)
+
+    def result(self, specs: Sequence[ModelSpec]) -> Plan:
+        unplaced = []
+        for spec in specs:
+            placed = self._count(spec.name)
+            wanted = spec.replicas.min
+            if placed < wanted:
+                reason = self.failures.get(spec.name, "no node could take it")
+                unplaced.append(Unplaced(spec.name, wanted, placed, reason))
+            info = self.models[spec.name]
+            context = spec.context or self.default_context
+            if context > info.n_ctx_train:
+                self.notes.append(
+                    f"{spec.name}: context {context} is above the {info.n_ctx_train} tokens "
+                    f"the model was trained on; answers may degrade past that"
+                )
+            for name in spec.placement.nodes or ():
+                if name not in self.nodes:
+                    known = ", ".join(sorted(self.nodes)) or "none"
+                    self.notes.append(
+                        f"{spec.name}: placement.nodes names {name}, which is not in the "
+                        f"cluster (nodes: {known})"
+                    )
+        placements = sorted(self.placed.values(), key=lambda p: (p.model, p.node))
+        return Plan(tuple(placements), tuple(unplaced), tuple(self.notes))
+
+
+def _needs(est: MemoryEstimate, info: GgufInfo) -> str:
+    device = _device(est.gpu_layers, info.n_layers + 1)
+    return f"context {est.n_ctx}, {f'on the {device}' if device in ('CPU', 'GPU') else device}"
+
+
+def _device(gpu_layers: int, total: int | None = None) -> str:
+    if gpu_layers == 0:
+        return "CPU"
+    if total is None:
+        return f"{gpu_layers} GPU layers"
+    return "GPU" if gpu_layers >= total else f"{gpu_layers}/{total} layers on GPU"
+
+
+def human_bytes(n: int) -> str:
+    if n >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    return f"{n / MIB:.0f} MiB"
