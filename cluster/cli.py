@@ -122,7 +122,8 @@ def main() -> None:
     app()
 
 
-from cluster import cli_nodes  # noqa: E402,F401 - registers `corral node ...` and `corral nodes`
+# Modules that register their commands on `app`: node start/stop, nodes, plan, apply.
+from cluster import cli_nodes, cli_plan  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,17 @@
-"""The controller: one named Ray actor that decides what runs (first version).
+"""The controller: one named Ray actor that decides what runs where.
 
-It knows which models exist and starts a model's replica (one Serve
-application, not exposed over HTTP) the first time a request needs it. Many
-requests for a cold model share one load. Later versions add the planner,
-autoscaling, keep-alive and eviction here; the ingress only ever asks
-"ensure MODEL is served".
+Its desired state is the ``models.yaml`` last applied plus the models loaded on
+demand. ``plan`` shows what applying a file would change; ``apply`` makes it
+so: the planner (``cluster/planner.py``) picks placements, and each placement
+becomes one Serve application, its replicas pinned to their node by label and
+holding their RAM (Ray's ``memory``) and VRAM (``vram_mib``) so that Ray itself
+refuses to overfill a box. ``ensure`` serves a request for a model with no
+replica: it plans one placement for it and loads it, and many requests for a
+cold model share one load.
+
+Changes run removals first (their memory is needed by what comes next), then
+replica-count changes, then new and reloaded placements, all of them at once,
+each waited for until it runs or fails.
 """
 
 from __future__ import annotations
@@ -12,45 +19,77 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from ray import serve
 
-from cluster.inventory import InventoryMonitor
+from cluster.inventory import InventoryMonitor, NodeStatus
+from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
 from cluster.settings import CorralSettings
-from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
-from deployments.replica import REPLICA_DEPLOYMENT, ReplicaOptions, replica_app
+from cluster.spec import ModelSpec, Replicas
+from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ROUTES_TTL
+from deployments.replica import ReplicaOptions, replica_app
+from nodes.agent import LABEL_NODE, VRAM_RESOURCE
 from nodes.engine import EngineSpec
-from nodes.errors import ModelLoadFailed, ModelNotFound
-from nodes.gguf import check_gguf
+from nodes.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ServiceUnavailable
+from nodes.gguf import read_gguf
 from nodes.logs import setup_logging
 from nodes.models import LocalModel, builtin_models, normalize_name
 
 log = logging.getLogger("corral.controller")
 
 TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
-RELOCATE_EVERY = 15  # ticks between asking every replica where it runs
+MIB = 1024**2
+# Ray sets CUDA_VISIBLE_DEVICES="" for actors that ask for no GPU; a placement
+# with GPU layers must see its node's GPUs (VRAM is counted by ``vram_mib``).
+SEE_ALL_GPUS = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
 
 
-def app_name_for(model: str) -> str:
-    """A Serve application name for ``model``: readable, unique, safe in URLs and logs."""
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-    return f"model-{slug}-{hashlib.sha256(model.encode()).hexdigest()[:6]}"
+def app_name_for(model: str, node: str) -> str:
+    """The Serve application of ``model`` on ``node``: readable, unique, safe in URLs and logs."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{model}-{node}".lower()).strip("-")
+    digest = hashlib.sha256(f"{model}@{node}".encode()).hexdigest()[:6]
+    return f"model-{slug}-{digest}"
+
+
+def actor_options(p: Placement) -> dict:
+    """Ray options of each replica of ``p``: pinned to its node, holding its memory."""
+    options: dict = {"label_selector": {LABEL_NODE: p.node}, "memory": p.ram}
+    if p.vram:
+        options["resources"] = {VRAM_RESOURCE: math.ceil(p.vram / MIB)}
+        options["runtime_env"] = {"env_vars": dict(SEE_ALL_GPUS)}
+    return options
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """What applying a models file would do (``corral plan``), or did (``corral apply``)."""
+
+    plan: Plan
+    changes: list[Change]
+    unchanged: list[Placement]
+    failed: dict[str, str] = field(default_factory=dict)  # "model on node" -> why it did not load
 
 
 class Controller:
-    """Owns the model catalog and the replicas (see module docstring)."""
+    """Owns the model catalog and the placements (see module docstring)."""
 
     def __init__(self, settings: CorralSettings) -> None:
         setup_logging(settings.log_level)
         self._settings = settings
-        self._catalog: dict[str, LocalModel] = builtin_models()
-        self._running: dict[str, str] = {}  # model -> Serve application name
-        self._loading: dict[str, asyncio.Task[str]] = {}
+        self._builtin = builtin_models()
+        self._catalog: dict[str, LocalModel] = dict(self._builtin)
+        self._declared: dict[str, ModelSpec] = {}  # the last applied models file
+        self._on_demand: set[str] = set()  # models loaded by a request, not declared
+        self._placements: dict[tuple[str, str], Placement] = {}  # what runs
+        self._loading: dict[str, asyncio.Task[None]] = {}
+        self._changing = asyncio.Lock()  # one change of placements at a time
         self._inventory = InventoryMonitor()
-        self._model_nodes: dict[str, str] = {}  # model -> id of the node its replica runs on
         self._ticker: asyncio.Task[None] | None = None
 
     async def ping(self) -> bool:
@@ -59,69 +98,266 @@ class Controller:
             self._ticker = asyncio.create_task(self._tick_forever())
         return True
 
+    async def _tick_forever(self) -> None:
+        while True:
+            try:
+                await self._inventory.refresh()
+            except Exception:  # noqa: BLE001 - one bad tick must not stop the controller
+                log.exception("controller tick failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    # -- what clients and the CLI ask -------------------------------------------
+
     async def nodes(self) -> list[dict]:
         """Every node with its hardware, live use and models (JSON-ready)."""
         if not self._inventory.nodes:  # asked before the first tick
             await self._inventory.refresh()
+        ids = {n.labels.get(LABEL_NODE): n.node_id for n in self._inventory.nodes if n.alive}
         by_node: dict[str, list[str]] = {}
-        for model, node_id in self._model_nodes.items():
-            by_node.setdefault(node_id, []).append(model)
+        for model, node in self._placements:
+            if node in ids:
+                by_node.setdefault(ids[node], []).append(model)
         return [s.model_dump() for s in self._inventory.snapshot(by_node)]
-
-    async def _tick_forever(self) -> None:
-        ticks = 0
-        while True:
-            try:
-                await self._inventory.refresh()
-                await self._locate_replicas(everyone=ticks % RELOCATE_EVERY == 0)
-            except Exception:  # noqa: BLE001 - one bad tick must not stop the controller
-                log.exception("controller tick failed")
-            ticks += 1
-            await asyncio.sleep(TICK_SECONDS)
-
-    async def _locate_replicas(self, everyone: bool) -> None:
-        """Ask replicas where they run: new ones and those whose node went away every tick,
-        all of them now and then (Serve may restart a replica elsewhere)."""
-        alive = {n.node_id for n in self._inventory.nodes if n.alive}
-        for model, app in list(self._running.items()):
-            if not everyone and self._model_nodes.get(model) in alive:
-                continue
-            handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app, _check_exists=False)
-            try:
-                self._model_nodes[model] = await asyncio.wait_for(handle.where.remote(), 2)
-            except Exception:  # noqa: BLE001 - restarting; located on a later tick
-                self._model_nodes.pop(model, None)
 
     async def list_models(self) -> list[LocalModel]:
         return sorted(self._catalog.values(), key=lambda m: m.name)
 
-    async def running(self) -> dict[str, str]:
-        """Loaded models and the Serve application of each."""
-        return dict(self._running)
+    async def placements(self) -> list[dict]:
+        """What runs where, with the Serve status of each placement (JSON-ready)."""
+        status = await asyncio.to_thread(serve.status)
+        rows = []
+        for p in sorted(self._placements.values(), key=lambda p: p.key):
+            app = app_name_for(p.model, p.node)
+            state = status.applications.get(app)
+            rows.append(
+                {
+                    "model": p.model,
+                    "node": p.node,
+                    "replicas": p.replicas,
+                    "context": p.context,
+                    "threads": p.threads,
+                    "gpu_layers": p.gpu_layers,
+                    "ram": p.ram,
+                    "vram": p.vram,
+                    "path": p.path,
+                    "reason": p.reason,
+                    "declared": p.model in self._declared,
+                    "app": app,
+                    "status": state.status.value if state else "MISSING",
+                }
+            )
+        return rows
 
-    async def ensure(self, model: str) -> str:
-        """Make sure ``model`` has a running replica; return its Serve application name.
+    async def ensure(self, model: str) -> list[str]:
+        """The Serve applications serving ``model``, loading one placement if it has none.
 
         Concurrent calls for the same cold model wait on one load.
         """
         name = normalize_name(model)
         if name not in self._catalog:
             raise ModelNotFound(model)
-        if name in self._running:
-            return self._running[name]
+        if apps := self._apps_of(name):
+            return apps
         task = self._loading.get(name)
         if task is None:
-            task = asyncio.create_task(self._deploy(name))
+            task = asyncio.create_task(self._cold_start(name))
             self._loading[name] = task
             task.add_done_callback(lambda _: self._loading.pop(name, None))
-        return await asyncio.shield(task)
+        await asyncio.shield(task)
+        return self._apps_of(name)
 
-    def _spec(self, model: LocalModel) -> EngineSpec:
+    async def plan(self, specs: list[ModelSpec]) -> PlanReport:
+        """What ``apply(specs)`` would change now; changes nothing."""
+        models = await self._resolve_all(specs)
+        return await self._plan(self._wanted(specs), models)
+
+    async def apply(self, specs: list[ModelSpec]) -> PlanReport:
+        """Make the placements what ``specs`` ask for; the report says what failed."""
+        models = await self._resolve_all(specs)
+        async with self._changing:
+            report = await self._plan(self._wanted(specs), models)
+            self._declared = {s.name: s for s in specs}
+            self._on_demand -= set(self._declared)
+            self._catalog = {**self._builtin, **{m.name: m for m in models.values()}}
+            failed = await self._execute(report.changes)
+        for change in report.changes:
+            key = _label(change.placement)
+            log.info(
+                "apply: %s%s", change.describe(), f" FAILED: {failed[key]}" if key in failed else ""
+            )
+        for missing in report.plan.unplaced:
+            log.warning("apply: %s not placed: %s", missing.model, missing.reason)
+        return PlanReport(report.plan, report.changes, report.unchanged, failed)
+
+    # -- planning --------------------------------------------------------------
+
+    def _wanted(self, specs: list[ModelSpec]) -> list[ModelSpec]:
+        """``specs`` plus the models loaded on demand that they do not declare."""
+        declared = {s.name for s in specs}
+        demand = [_demand_spec(m) for m in sorted(self._on_demand) if m not in declared]
+        return [*specs, *demand]
+
+    async def _resolve_all(self, specs: list[ModelSpec]) -> dict[str, LocalModel]:
+        """The model file of every spec, checked readable; InvalidRequest lists every problem."""
+        models, problems = {}, []
+        for spec in specs:
+            try:
+                models[spec.name] = self._resolve(spec)
+                await asyncio.to_thread(read_gguf, models[spec.name].path)
+            except (InvalidRequest, ModelLoadFailed) as exc:
+                problems.append(f"{spec.name}: {exc}")
+        if problems:
+            raise InvalidRequest("\n".join(problems))
+        return models
+
+    def _resolve(self, spec: ModelSpec) -> LocalModel:
+        source = spec.source or spec.name
+        known = self._catalog.get(normalize_name(source)) if not source.endswith(".gguf") else None
+        if known is not None:
+            return LocalModel(spec.name, known.path, known.size, known.modified_at)
+        path = Path(source)
+        if source.endswith(".gguf") and path.is_file():
+            return LocalModel.from_file(spec.name, path)
+        if source.endswith(".gguf"):
+            raise InvalidRequest(f"source {source} is not a file on the head node")
+        have = ", ".join(sorted(self._catalog))
+        raise InvalidRequest(
+            f"source '{source}' is not a model Corral has (Corral has: {have}); "
+            f"give the path of a .gguf file on the head node as source"
+        )
+
+    async def _plan(
+        self, specs: list[ModelSpec], models: dict[str, LocalModel] | None = None
+    ) -> PlanReport:
+        """Plan ``specs`` against what runs; ``models`` are the files of newly declared specs
+        (the others come from the catalog)."""
+        files = {**self._catalog, **(models or {})}
+        paths = {s.name: files[s.name].path for s in specs}
+        infos = {name: await asyncio.to_thread(read_gguf, path) for name, path in paths.items()}
+        nodes = await self._plan_nodes()
+        current = list(self._placements.values())
+        result = plan(
+            nodes,
+            specs,
+            current,
+            models=infos,
+            default_context=self._settings.num_ctx,
+            default_threads=self._settings.num_threads,
+        )
+        changes = diff(current, result)
+        touched = {c.placement.key for c in changes}
+        unchanged = [p for p in result.placements if p.key not in touched]
+        return PlanReport(result, changes, unchanged)
+
+    async def _plan_nodes(self) -> list[PlanNode]:
+        statuses = (
+            self._inventory.snapshot()
+            if self._inventory.probes
+            else await self._inventory.settle(timeout=5)
+        )
+        return [_plan_node(s) for s in statuses if LABEL_NODE in s.labels]
+
+    async def _cold_start(self, name: str) -> None:
+        async with self._changing:
+            if self._apps_of(name):
+                return
+            spec = self._declared.get(name) or _demand_spec(name)
+            one = spec.model_copy(
+                update={"replicas": Replicas(min=max(1, spec.replicas.min), max=spec.replicas.max)}
+            )
+            others = [s for s in self._wanted(list(self._declared.values())) if s.name != name]
+            report = await self._plan([*others, one])
+            new = [c for c in report.changes if c.op == "+" and c.placement.model == name]
+            if not new:
+                missing = next((u for u in report.plan.unplaced if u.model == name), None)
+                reason = missing.reason if missing else "no node can take it"
+                log.warning("cold start of %s refused: %s", name, reason)
+                raise ServiceUnavailable(f"The model '{name}' cannot be loaded now: {reason}")
+            log.info("cold start: %s", "; ".join(c.describe() for c in new))
+            started = time.monotonic()
+            failed = await self._execute(new)
+            if failed:
+                raise ModelLoadFailed(
+                    f"The model '{name}' failed to load: {next(iter(failed.values()))}"
+                )
+            if name not in self._declared:
+                self._on_demand.add(name)
+            log.info("loaded %s in %.1fs", name, time.monotonic() - started)
+
+    # -- making it so ----------------------------------------------------------
+
+    def _apps_of(self, model: str) -> list[str]:
+        return [app_name_for(m, node) for (m, node) in self._placements if m == model]
+
+    async def _execute(self, changes: list[Change]) -> dict[str, str]:
+        """Apply ``changes`` to Serve; returns why each failed placement failed."""
+        stopping = [c.before for c in changes if c.op == "-" or c.reload]
+        for p in stopping:
+            self._placements.pop(p.key, None)
+        if stopping:
+            # Let every ingress see the new routes before the replicas go away.
+            await asyncio.sleep(ROUTES_TTL + 0.5)
+            await asyncio.gather(
+                *(asyncio.to_thread(serve.delete, app_name_for(*p.key)) for p in stopping)
+            )
+        starting = [c.after for c in changes if c.op == "+" or c.op == "~"]
+        for p in starting:
+            await asyncio.to_thread(
+                serve._run,
+                replica_app(
+                    self._engine_spec(p),
+                    self._replica_options(),
+                    num_replicas=p.replicas,
+                    actor_options=actor_options(p),
+                ),
+                name=app_name_for(*p.key),
+                route_prefix=None,
+                _blocking=False,
+            )
+        failed = await self._wait_running(starting)
+        for p in starting:
+            label = _label(p)
+            if label in failed:
+                await asyncio.to_thread(serve.delete, app_name_for(*p.key))
+                log.error("placement %s failed: %s", label, failed[label])
+            else:
+                self._placements[p.key] = p
+        return failed
+
+    async def _wait_running(self, placements: list[Placement]) -> dict[str, str]:
+        apps = {app_name_for(*p.key): p for p in placements}
+        deadline = time.monotonic() + self._settings.load_timeout
+        failed: dict[str, str] = {}
+        while apps:
+            status = await asyncio.to_thread(serve.status)
+            for app, p in list(apps.items()):
+                state = status.applications.get(app)
+                if state is None:
+                    continue
+                if state.status == "RUNNING":
+                    del apps[app]
+                elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                    failed[_label(p)] = _last_line(_status_message(state))
+                    del apps[app]
+            if apps and time.monotonic() > deadline:
+                for app, p in apps.items():
+                    state = status.applications.get(app)
+                    why = _status_message(state) if state else ""
+                    failed[_label(p)] = f"not running after {self._settings.load_timeout:.0f}s" + (
+                        f": {_last_line(why)}" if why else ""
+                    )
+                break
+            if apps:
+                await asyncio.sleep(0.25)
+        return failed
+
+    def _engine_spec(self, p: Placement) -> EngineSpec:
         return EngineSpec(
-            model=model.name,
-            path=model.path,
-            n_ctx=self._settings.num_ctx,
-            n_threads=self._settings.num_threads,
+            model=p.model,
+            path=p.path,
+            n_ctx=p.context,
+            n_threads=p.threads,
+            n_gpu_layers=p.gpu_layers,
         )
 
     def _replica_options(self) -> ReplicaOptions:
@@ -130,32 +366,40 @@ class Controller:
             max_queue=s.max_queue, stream_interval=s.stream_interval, log_level=s.log_level
         )
 
-    async def _deploy(self, name: str) -> str:
-        model = self._catalog[name]
-        check_gguf(model.path)  # a clear error now beats a replica crash loop later
-        app_name = app_name_for(name)
-        app = replica_app(self._spec(model), self._replica_options())
-        log.info("cold start: loading %s (%s) as %s", name, model.path, app_name)
-        started = time.monotonic()
-        try:
-            await asyncio.wait_for(
-                asyncio.to_thread(serve.run, app, name=app_name, route_prefix=None),
-                timeout=self._settings.load_timeout,
-            )
-        except Exception as exc:  # noqa: BLE001 - reported as a load failure
-            await asyncio.to_thread(serve.delete, app_name)
-            reason = "timed out" if isinstance(exc, TimeoutError) else _last_line(exc)
-            log.error("loading %s failed: %s", name, reason)
-            raise ModelLoadFailed(f"The model '{name}' failed to load: {reason}") from None
-        log.info("loaded %s in %.1fs", name, time.monotonic() - started)
-        self._running[name] = app_name
-        return app_name
+
+def _demand_spec(model: str) -> ModelSpec:
+    """How a model nobody declared runs: one replica while it is used."""
+    return ModelSpec(name=model, replicas=Replicas(min=0, max=1))
 
 
-def _last_line(exc: BaseException) -> str:
+def _plan_node(s: NodeStatus) -> PlanNode:
+    return PlanNode(
+        name=s.name,
+        up=s.state == "up",
+        ram=s.ram_offered,
+        vram=s.vram_offered_mib * MIB,
+        gpus=len(s.gpus),
+        cores=s.cpu_cores or 1,
+        labels=s.labels,
+    )
+
+
+def _label(p: Placement) -> str:
+    return f"{p.model} on {p.node}"
+
+
+def _status_message(state) -> str:
+    """The most telling message of an application's status: a deployment's, else its own."""
+    for deployment in state.deployments.values():
+        if deployment.message:
+            return deployment.message
+    return state.message or ""
+
+
+def _last_line(text: object) -> str:
     """The informative end of an error that may carry a remote traceback."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def start_controller(

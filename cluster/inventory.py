@@ -21,7 +21,7 @@ import ray
 from pydantic import BaseModel
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from nodes.agent import LABEL_NODE, LABEL_ROLE
+from nodes.agent import LABEL_NODE, LABEL_ROLE, VRAM_RESOURCE
 from nodes.hardware import NodeInventory, current_inventory
 
 MIB = 1024**2
@@ -48,6 +48,7 @@ class NodeStatus(BaseModel):
     ram_offered: int = 0  # bytes Corral may use for models (Ray's "memory")
     gpus: list[GpuStatus] = []
     vram_offered_mib: int = 0
+    labels: dict[str, str] = {}  # the Ray labels it started with (corral.node, corral.gpu ...)
     models: list[str] = []  # models with a replica on this node
     note: str | None = None  # why it is down, why it has no GPU, ...
     checked_at: float | None = None  # when its probe last answered (epoch seconds)
@@ -121,7 +122,8 @@ def _status(
         role=node.labels.get(LABEL_ROLE, "-"),
         state=state,
         ram_offered=int(node.resources.get("memory", 0)),
-        vram_offered_mib=int(node.resources.get("vram_mib", 0)),
+        vram_offered_mib=int(node.resources.get(VRAM_RESOURCE, 0)),
+        labels=dict(node.labels),
         models=sorted(models),
         note=note,
         checked_at=probe.at if probe else None,

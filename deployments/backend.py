@@ -7,6 +7,8 @@ The HTTP routes know nothing of Ray. They talk to a ``ModelBackend``;
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
@@ -17,12 +19,17 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.replica import REPLICA_DEPLOYMENT, Refused, StreamEvent
 from nodes.engine import Embeddings, GenerateRequest
+from nodes.errors import ServiceUnavailable
 from nodes.models import LocalModel
 
 # The controller actor (cluster/controller.py) registers under this name; the
 # ingress finds it by name so that deployments/ never imports cluster/.
 CONTROLLER_ACTOR = "corral-controller"
 NAMESPACE = "corral"
+# How long the ingress routes with the placements it last heard of before asking
+# again; the controller waits this long between taking a placement out of the
+# routes and deleting it.
+ROUTES_TTL = 1.0
 
 
 class ModelBackend(Protocol):
@@ -44,6 +51,10 @@ class ModelBackend(Protocol):
         """Every node of the cluster as the controller sees it (JSON-ready)."""
         ...
 
+    async def cluster_placements(self) -> list[dict[str, Any]]:
+        """What runs where: every placement with its node, settings and memory (JSON-ready)."""
+        ...
+
 
 class ServeBackend:
     """``ModelBackend`` over the controller actor and Serve replica handles."""
@@ -52,7 +63,8 @@ class ServeBackend:
         self._controller_name = controller
         self._namespace = namespace
         self._controller_handle: ActorHandle | None = None
-        self._replicas: dict[str, DeploymentHandle] = {}
+        # model -> (when the controller was last asked, a handle per placement)
+        self._routes: dict[str, tuple[float, list[DeploymentHandle]]] = {}
 
     def _controller(self) -> ActorHandle:
         if self._controller_handle is None:
@@ -63,15 +75,19 @@ class ServeBackend:
         return await self._controller().list_models.remote()
 
     async def _replica(self, model: str) -> DeploymentHandle:
-        handle = self._replicas.get(model)
-        if handle is None:
-            # Raises ModelNotFound / ModelLoadFailed; waits while the model loads.
-            app = await self._controller().ensure.remote(model)
-            handle = serve.get_deployment_handle(
-                REPLICA_DEPLOYMENT, app, _check_exists=False, _record_telemetry=False
-            )
-            self._replicas[model] = handle
-        return handle
+        """A placement of ``model`` to send a request to (any of them, for now)."""
+        now = time.monotonic()
+        known = self._routes.get(model)
+        if known is None or now - known[0] > ROUTES_TTL:
+            # Raises ModelNotFound / ModelLoadFailed / ServiceUnavailable; waits while
+            # the model loads.
+            apps = await self._controller().ensure.remote(model)
+            if not apps:
+                raise ServiceUnavailable(f"The model '{model}' has no replica right now.")
+            handles = {h.app_name: h for h in known[1]} if known else {}
+            known = (now, [handles.get(app) or _handle(app) for app in apps])
+            self._routes[model] = known
+        return random.choice(known[1])
 
     async def generate(
         self, model: str, request: GenerateRequest
@@ -95,3 +111,12 @@ class ServeBackend:
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:
         return await self._controller().nodes.remote()
+
+    async def cluster_placements(self) -> list[dict[str, Any]]:
+        return await self._controller().placements.remote()
+
+
+def _handle(app: str) -> DeploymentHandle:
+    return serve.get_deployment_handle(
+        REPLICA_DEPLOYMENT, app, _check_exists=False, _record_telemetry=False
+    )

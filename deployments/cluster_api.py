@@ -17,4 +17,10 @@ def cluster_router(backend: ModelBackend) -> APIRouter:
         """Every node: role, state, hardware, live RAM/VRAM use, offered capacity, models."""
         return {"nodes": await backend.cluster_nodes()}
 
+    @router.get("/placements")
+    async def placements() -> dict[str, Any]:
+        """Every placement (a model on a node): replicas, context, threads, GPU layers, the
+        RAM and VRAM each replica holds, why it is there, and its Serve status."""
+        return {"placements": await backend.cluster_placements()}
+
     return router

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -33,6 +34,7 @@ import ray
 from ray import serve
 from ray.serve.deployment import Application
 
+from nodes.agent import LABEL_NODE
 from nodes.engine import (
     Embeddings,
     Engine,
@@ -246,9 +248,9 @@ def engine_executor() -> ThreadPoolExecutor:
 class ServedReplica(ModelReplica):
     """The Serve deployment: loads the engine ``spec`` names, then serves it."""
 
-    async def where(self) -> str:
-        """The Ray node this replica runs on (its id)."""
-        return self._node_id
+    async def info(self) -> ReplicaInfo:
+        """Where this replica runs and what it loaded."""
+        return self._info
 
     async def __init__(self, spec: EngineSpec, options: ReplicaOptions) -> None:
         setup_logging(options.log_level)
@@ -257,10 +259,34 @@ class ServedReplica(ModelReplica):
         # (health checks, Serve's control calls) responsive meanwhile.
         engine = await asyncio.get_running_loop().run_in_executor(executor, load_engine, spec)
         super().__init__(engine, executor, stream_interval=options.stream_interval)
-        self._node_id = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        self._info = ReplicaInfo(
+            node_id=context.get_node_id(),
+            node=context.get_node_labels().get(LABEL_NODE, ""),
+            pid=os.getpid(),
+            model=spec.model,
+            n_ctx=engine.info.n_ctx,
+            n_threads=spec.n_threads,
+            n_gpu_layers=spec.n_gpu_layers,
+            loaded_at=time.time(),
+        )
         log.info(
             "loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaInfo:
+    """What a replica says about itself."""
+
+    node_id: str  # the Ray node it runs on
+    node: str  # that node's Corral name (its corral.node label)
+    pid: int
+    model: str
+    n_ctx: int
+    n_threads: int | None
+    n_gpu_layers: int
+    loaded_at: float  # seconds since the epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +299,11 @@ class ReplicaOptions:
 
 
 def replica_app(
-    spec: EngineSpec, options: ReplicaOptions, *, actor_options: dict | None = None
+    spec: EngineSpec,
+    options: ReplicaOptions,
+    *,
+    num_replicas: int = 1,
+    actor_options: dict | None = None,
 ) -> Application:
     """The Serve application for one placement of ``spec``.
 
@@ -282,6 +312,7 @@ def replica_app(
     deployment = serve.deployment(
         ServedReplica,
         name=REPLICA_DEPLOYMENT,
+        num_replicas=num_replicas,
         max_ongoing_requests=options.max_queue,
         ray_actor_options={"num_cpus": 0, **(actor_options or {})},
         # A model load can take minutes on a slow disk; Serve must not give up first.

@@ -33,6 +33,7 @@ MIB = 1024**2
 RECORD_FILE = "node.json"
 LOG_FILE = "node.log"
 LABEL_NODE, LABEL_GPU, LABEL_ROLE = "corral.node", "corral.gpu", "corral.role"
+VRAM_RESOURCE = "vram_mib"  # the custom Ray resource that counts a node's VRAM for models
 _LABEL_OK = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
 
@@ -170,7 +171,7 @@ def ray_start_command(
         f"--num-gpus={offer.num_gpus}",
     ]
     if offer.vram_mib:
-        cmd.append(f"--resources={json.dumps({'vram_mib': offer.vram_mib})}")
+        cmd.append(f"--resources={json.dumps({VRAM_RESOURCE: offer.vram_mib})}")
     cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in offer.labels.items()))
     cmd.append(f"--dashboard-agent-listen-port={settings.agent_port}")
     if settings.node_ip:

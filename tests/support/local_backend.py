@@ -44,3 +44,6 @@ class LocalBackend:
 
     async def cluster_nodes(self) -> list[dict]:
         return []  # no cluster in process; the integration suite checks the real view
+
+    async def cluster_placements(self) -> list[dict]:
+        return []
