@@ -10,8 +10,10 @@ replica: it plans one placement for it and loads it, and many requests for a
 cold model share one load.
 
 Changes run removals first (their memory is needed by what comes next), then
-replica-count changes, then new and reloaded placements, all of them at once,
-each waited for until it runs or fails.
+replica-count changes (through Serve's external-scaler API, which leaves the
+running replicas alone; deploying again would restart them all), then new and
+reloaded placements, all of them at once, each waited for until it runs or
+fails.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, Replicas
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ROUTES_TTL
-from deployments.replica import ReplicaOptions, replica_app
+from deployments.replica import ReplicaOptions, replica_app, set_replicas
 from nodes.agent import LABEL_NODE, VRAM_RESOURCE
 from nodes.engine import EngineSpec
 from nodes.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ServiceUnavailable
@@ -300,8 +302,11 @@ class Controller:
             await asyncio.gather(
                 *(asyncio.to_thread(serve.delete, app_name_for(*p.key)) for p in stopping)
             )
+        for c in changes:
+            if c.op == "~" and not c.reload:  # only the replica count: the others keep running
+                await asyncio.to_thread(set_replicas, app_name_for(*c.after.key), c.after.replicas)
         starting = [c.after for c in changes if c.op == "+" or c.op == "~"]
-        for p in starting:
+        for p in (c.after for c in changes if c.op == "+" or c.reload):
             await asyncio.to_thread(
                 serve._run,
                 replica_app(
@@ -313,6 +318,7 @@ class Controller:
                 name=app_name_for(*p.key),
                 route_prefix=None,
                 _blocking=False,
+                external_scaler_enabled=True,  # the controller owns replica counts
             )
         failed = await self._wait_running(starting)
         for p in starting:
@@ -334,7 +340,7 @@ class Controller:
                 state = status.applications.get(app)
                 if state is None:
                     continue
-                if state.status == "RUNNING":
+                if state.status == "RUNNING" and _running_replicas(state) == p.replicas:
                     del apps[app]
                 elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                     failed[_label(p)] = _last_line(_status_message(state))
@@ -386,6 +392,11 @@ def _plan_node(s: NodeStatus) -> PlanNode:
 
 def _label(p: Placement) -> str:
     return f"{p.model} on {p.node}"
+
+
+def _running_replicas(state) -> int:
+    """Replicas of an application's one deployment that are running now."""
+    return sum(d.replica_states.get("RUNNING", 0) for d in state.deployments.values())
 
 
 def _status_message(state) -> str:

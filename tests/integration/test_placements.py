@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -45,11 +46,16 @@ V2 = (
     .replace("context: 512", "context: 1024")
 )
 
+# smol-a goes to two replicas on the same node: a scale, not a reload.
+V3 = V2.replace("replicas: 1", "replicas: 2").replace(
+    "nodes: [gpubox]", "nodes: [gpubox]\n      strategy: pack"
+)
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, starter_path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    texts = {"v1": V1, "v2": V2, "empty": "models: []\n"}
+    texts = {"v1": V1, "v2": V2, "v3": V3, "empty": "models: []\n"}
     paths = {}
     for name, text in texts.items():
         paths[name] = root / f"{name}.yaml"
@@ -152,6 +158,19 @@ def test_an_edited_file_changes_only_what_differs(corral, homelab, files):
     reloaded = replica_info("smol-b:latest", "minipc")
     assert reloaded.pid != before["smol-b:latest", "minipc"].pid
     assert reloaded.n_ctx == 1024 and reloaded.node == "minipc"
+
+
+def test_more_replicas_of_a_placement_leave_the_running_one_alone(corral, homelab, files):
+    running = replica_info("smol-a:latest", "gpubox").pid
+    report = cli_json(homelab, "apply", "-f", str(files["v3"]))
+    [change] = report["changes"]
+    assert (change["op"], change["node"], change["reload"]) == ("~", "gpubox", False)
+    assert (change["before"]["replicas"], change["after"]["replicas"]) == (1, 2)
+    pids: set[int] = set()
+    deadline = time.monotonic() + 30  # until this driver's handle has seen the new replica
+    while len(pids) < 2 and time.monotonic() < deadline:
+        pids.add(replica_info("smol-a:latest", "gpubox").pid)
+    assert running in pids and len(pids) == 2
 
 
 def test_plan_explains_what_cannot_be_placed(corral, homelab, tmp_path, starter_path):
