@@ -28,13 +28,12 @@ numbers each replica then reserves from Ray.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from cluster.spec import ModelSpec
-from nodes.gguf import GgufInfo, MemoryEstimate, estimate_memory
+from nodes.gguf import GgufInfo, MemoryEstimate, estimate_memory, fit_gpu_layers
 
 GIB = 1024**3
 MIB = 1024**2
@@ -417,27 +416,14 @@ class _Planner:
         return est
 
     def _fit_layers(self, model: str, context: int, vram: int, gpus: int) -> MemoryEstimate:
-        """``nodes.gguf.fit_gpu_layers`` on this plan's memo of estimates: the most GPU
-        layers whose VRAM fits ``vram``. VRAM grows with every layer, by about the
-        same amount per block, so an interpolated guess (bisection if that stalls)
-        finds it in a few estimates."""
-        top = self._estimate(model, context, self.models[model].n_layers + 1, gpus)
-        if top.vram <= vram:
-            return top
-        lo, hi = 0, top.gpu_layers  # VRAM of lo fits, of hi does not
-        v_lo, v_hi = 0, top.vram
-        for step in itertools.count():
-            if hi - lo <= 1:
-                break
-            mid = (lo + hi) // 2
-            if step < 3 and v_lo < v_hi:
-                mid = min(max(lo + (vram - v_lo) * (hi - lo) // (v_hi - v_lo), lo + 1), hi - 1)
-            v_mid = self._estimate(model, context, mid, gpus).vram
-            if v_mid <= vram:
-                lo, v_lo = mid, v_mid
-            else:
-                hi, v_hi = mid, v_mid
-        return self._estimate(model, context, lo, gpus)
+        """``fit_gpu_layers`` on this plan's memo of estimates."""
+        return fit_gpu_layers(
+            self.models[model],
+            context,
+            vram,
+            gpus=gpus,
+            estimate=lambda layers: self._estimate(model, context, layers, gpus),
+        )
 
     # -- bookkeeping ---------------------------------------------------------
 

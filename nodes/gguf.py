@@ -36,7 +36,7 @@ memory, are not modelled: for those the KV estimate is an upper bound.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,23 +311,45 @@ def estimate_memory(
 
 
 def fit_gpu_layers(
-    info: GgufInfo, n_ctx: int, vram_budget: int, *, kv_type: str = "f16", gpus: int = 1
+    info: GgufInfo,
+    n_ctx: int,
+    vram_budget: int,
+    *,
+    kv_type: str = "f16",
+    gpus: int = 1,
+    estimate: Callable[[int], MemoryEstimate] | None = None,
 ) -> MemoryEstimate:
     """The estimate with the most GPU layers whose VRAM fits ``vram_budget``.
 
     Everything that does not fit stays in RAM (partial offload); with no room
     even for one layer, the model runs on the CPU (``gpu_layers == 0``).
+    ``estimate(gpu_layers)`` replaces ``estimate_memory`` (a caller's memo).
+    VRAM grows with every layer, by about the same amount per block, so an
+    interpolated guess (bisection if that stalls) finds it in a few estimates.
     """
-    lo, hi = 0, info.n_layers + 1  # VRAM grows with every layer: binary search
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if estimate_memory(info, n_ctx, gpu_layers=mid, kv_type=kv_type, gpus=gpus).vram <= (
-            vram_budget
-        ):
-            lo = mid
+    if estimate is None:
+
+        def estimate(layers: int) -> MemoryEstimate:
+            return estimate_memory(info, n_ctx, gpu_layers=layers, kv_type=kv_type, gpus=gpus)
+
+    top = estimate(info.n_layers + 1)
+    if top.vram <= vram_budget:
+        return top
+    lo, hi = 0, top.gpu_layers  # the VRAM of lo layers fits, of hi does not
+    v_lo, v_hi = 0, top.vram
+    step = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if step < 3 and v_lo < v_hi:
+            guess = lo + (vram_budget - v_lo) * (hi - lo) // (v_hi - v_lo)
+            mid = min(max(guess, lo + 1), hi - 1)
+        v_mid = estimate(mid).vram
+        if v_mid <= vram_budget:
+            lo, v_lo = mid, v_mid
         else:
-            hi = mid - 1
-    return estimate_memory(info, n_ctx, gpu_layers=lo, kv_type=kv_type, gpus=gpus)
+            hi, v_hi = mid, v_mid
+        step += 1
+    return estimate(lo)
 
 
 def _first(value) -> int:
