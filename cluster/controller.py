@@ -24,28 +24,43 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
 from ray import serve
 
+from cluster import eviction
+from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
 from cluster.inventory import InventoryMonitor, NodeStatus
 from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, Replicas
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ROUTES_TTL
-from deployments.replica import ReplicaOptions, replica_app, set_replicas
+from deployments.replica import (
+    REPORT_HEARTBEAT,
+    ReplicaLoad,
+    ReplicaOptions,
+    replica_app,
+    set_replicas,
+)
+from deployments.routing import Route
 from nodes.agent import LABEL_NODE, VRAM_RESOURCE
+from nodes.durations import FOREVER
 from nodes.engine import EngineSpec
 from nodes.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ServiceUnavailable
-from nodes.gguf import read_gguf
+from nodes.gguf import GgufInfo, read_gguf
 from nodes.logs import setup_logging
 from nodes.models import LocalModel, builtin_models, normalize_name
 
 log = logging.getLogger("corral.controller")
 
 TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
+# A replica's load report older than this is from a replica that is gone.
+REPORT_STALE = 3 * REPORT_HEARTBEAT + 1.0
+EVENTS_KEPT = 500
 MIB = 1024**2
 # Ray sets CUDA_VISIBLE_DEVICES="" for actors that ask for no GPU; a placement
 # with GPU layers must see its node's GPUs (VRAM is counted by ``vram_mib``).
@@ -89,24 +104,157 @@ class Controller:
         self._declared: dict[str, ModelSpec] = {}  # the last applied models file
         self._on_demand: set[str] = set()  # models loaded by a request, not declared
         self._placements: dict[tuple[str, str], Placement] = {}  # what runs
+        self._ready_at: dict[tuple[str, str], float] = {}  # when each began to run
+        # app -> replica -> (when received, what it said): what replicas report
+        self._reports: dict[str, dict[str, tuple[float, ReplicaLoad]]] = {}
+        self._timers: dict[str, Timers] = {}  # the autoscaler's, by model
+        self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._changing = asyncio.Lock()  # one change of placements at a time
         self._inventory = InventoryMonitor()
-        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def ping(self) -> bool:
         """Answers once the controller runs; starts its periodic work on first call."""
-        if self._ticker is None:
-            self._ticker = asyncio.create_task(self._tick_forever())
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._every(TICK_SECONDS, self._inventory.refresh)),
+                asyncio.create_task(self._every(self._settings.policy_interval, self._police)),
+            ]
         return True
 
-    async def _tick_forever(self) -> None:
+    async def _every(self, seconds: float, work) -> None:
         while True:
             try:
-                await self._inventory.refresh()
+                await work()
             except Exception:  # noqa: BLE001 - one bad tick must not stop the controller
                 log.exception("controller tick failed")
-            await asyncio.sleep(TICK_SECONDS)
+            await asyncio.sleep(seconds)
+
+    # -- load reports, autoscaling and keep-alive --------------------------------
+
+    async def report(self, app: str, replica: str, load: ReplicaLoad) -> None:
+        """A replica's load (``deployments/replica.py`` sends it when it changes)."""
+        self._reports.setdefault(app, {})[replica] = (time.monotonic(), load)
+
+    def _load_of(self, p: Placement, now: float) -> PlacementLoad:
+        """``p``'s load from its replicas' fresh reports, in this controller's clock."""
+        reports = self._fresh_reports(app_name_for(*p.key), now)
+        in_flight = sum(load.in_flight for _, load in reports)
+        last_use, keep_alive = self._ready_at.get(p.key, now), None
+        for received, load in reports:
+            if load.idle_for is not None and received - load.idle_for >= last_use:
+                last_use, keep_alive = received - load.idle_for, load.keep_alive
+        if keep_alive is None:
+            keep_alive = self._spec_of(p.model).keep_alive
+        idle_since = None if in_flight else last_use
+        return PlacementLoad(p.model, p.node, p.replicas, in_flight, idle_since, keep_alive)
+
+    def _fresh_reports(self, app: str, now: float) -> list[tuple[float, ReplicaLoad]]:
+        by_replica = self._reports.get(app, {})
+        for replica, (received, _) in list(by_replica.items()):
+            if now - received > REPORT_STALE:
+                del by_replica[replica]
+        return list(by_replica.values())
+
+    def _model_states(self, now: float) -> list[ModelState]:
+        by_model: dict[str, list[PlacementLoad]] = {}
+        for p in self._placements.values():
+            by_model.setdefault(p.model, []).append(self._load_of(p, now))
+        return [
+            ModelState(self._spec_of(model), tuple(loads), self._timers.get(model, Timers()))
+            for model, loads in sorted(by_model.items())
+        ]
+
+    def _spec_of(self, model: str) -> ModelSpec:
+        return self._declared.get(model) or _demand_spec(model)
+
+    async def _police(self) -> None:
+        """One run of the autoscaling and keep-alive policy; skipped while placements change
+        (a load or an apply), so that it never queues behind them."""
+        if self._changing.locked():
+            return
+        now = time.monotonic()
+        decisions, self._timers = decide(self._model_states(now), now)
+        if not decisions:
+            return
+        async with self._changing:
+            for d in decisions:
+                try:
+                    await self._carry_out(d)
+                except Exception:  # noqa: BLE001 - the others still run
+                    log.exception("%s failed", d.describe())
+
+    async def _carry_out(self, d: Decision) -> None:
+        if d.op == "scale_up":
+            await self._scale_up(d)
+            return
+        p = self._placements.get((d.model, d.node or ""))
+        if p is None:
+            return
+        total = sum(q.replicas for q in self._placements.values() if q.model == d.model)
+        gone = await self._unload([(p, total - d.replicas)], d.reason)
+        if gone:
+            self._event(d.op, d.model, p.node, d.reason)
+
+    async def _scale_up(self, d: Decision) -> None:
+        spec = self._spec_of(d.model)
+        more = spec.model_copy(update={"replicas": Replicas(min=d.replicas, max=d.replicas)})
+        others = [s for s in self._wanted(list(self._declared.values())) if s.name != d.model]
+        report = await self._plan([*others, more])
+        changes = [c for c in report.changes if c.placement.model == d.model and c.op != "-"]
+        if not changes:
+            missing = next((u for u in report.plan.unplaced if u.model == d.model), None)
+            why = missing.reason if missing else "no node can take another replica"
+            log.info("scale up %s: no room for another replica: %s", d.model, why)
+            return
+        failed = await self._execute(changes)
+        for c in changes:
+            if _label(c.placement) not in failed:
+                self._event("scale_up", d.model, c.placement.node, d.reason)
+
+    async def _unload(self, cuts: Sequence[tuple[Placement, int]], reason: str) -> list[Placement]:
+        """Take ``n`` replicas off each placement that is still idle once no ingress routes to
+        it any more; returns the placements it cut. A placement cut to zero is deleted."""
+        decided = time.monotonic()
+        whole = [p for p, n in cuts if n >= p.replicas]
+        for p in whole:  # out of the routes first
+            self._placements.pop(p.key, None)
+        if whole:
+            await asyncio.sleep(ROUTES_TTL + 0.5)
+        done = []
+        for p, n in cuts:
+            load = self._load_of(p, time.monotonic())
+            used = load.in_flight or (load.idle_since or 0) > decided
+            if p in whole and used:  # a request came meanwhile: it stays
+                self._placements[p.key] = p
+                log.info("kept %s on %s: it got a request while being unloaded", *p.key)
+                continue
+            app = app_name_for(*p.key)
+            if p in whole:
+                await asyncio.to_thread(serve.delete, app)
+                self._forget(p.key)
+            else:
+                await asyncio.to_thread(set_replicas, app, p.replicas - n)
+                self._placements[p.key] = replace(p, replicas=p.replicas - n)
+            log.info("unloaded %d of %s on %s: %s", n, p.model, p.node, reason)
+            done.append(p)
+        return done
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self._ready_at.pop(key, None)
+        self._reports.pop(app_name_for(*key), None)
+
+    def _event(self, kind: str, model: str, node: str, reason: str) -> None:
+        """Record (and log) a cold start, eviction, scale or unload with its reason."""
+        log.info("%s: %s on %s: %s", kind, model, node, reason)
+        self._events.append(
+            {"time": time.time(), "kind": kind, "model": model, "node": node, "reason": reason}
+        )
+
+    async def events(self, since: float = 0.0) -> list[dict]:
+        """Recent cold starts, evictions, scalings and unloads, oldest first."""
+        return [e for e in self._events if e["time"] >= since]
 
     # -- what clients and the CLI ask -------------------------------------------
 
@@ -125,14 +273,29 @@ class Controller:
         return sorted(self._catalog.values(), key=lambda m: m.name)
 
     async def placements(self) -> list[dict]:
-        """What runs where, with the Serve status of each placement (JSON-ready)."""
+        """What runs where, with the Serve status and the load of each placement (JSON-ready).
+
+        ``idle_for`` is None while it serves; ``expires_at`` (seconds since the epoch)
+        is when keep-alive unloads it, None if never.
+        """
         status = await asyncio.to_thread(serve.status)
+        now, wall = time.monotonic(), time.time()
         rows = []
         for p in sorted(self._placements.values(), key=lambda p: p.key):
             app = app_name_for(p.model, p.node)
             state = status.applications.get(app)
+            load = self._load_of(p, now)
+            spec = self._spec_of(p.model)
+            expires = load.expires_at
             rows.append(
                 {
+                    "in_flight": load.in_flight,
+                    "idle_for": None if load.idle_since is None else now - load.idle_since,
+                    "keep_alive": None if load.keep_alive == FOREVER else load.keep_alive,
+                    "expires_at": None if expires is None else wall + (expires - now),
+                    "pinned": spec.pinned,
+                    "min": spec.replicas.min,
+                    "max": spec.replicas.max,
                     "model": p.model,
                     "node": p.node,
                     "replicas": p.replicas,
@@ -150,23 +313,36 @@ class Controller:
             )
         return rows
 
-    async def ensure(self, model: str) -> list[str]:
-        """The Serve applications serving ``model``, loading one placement if it has none.
+    async def ensure(self, model: str, origin: str = "") -> list[Route]:
+        """The placements serving ``model`` with their load, loading one if it has none.
 
         Concurrent calls for the same cold model wait on one load.
         """
         name = normalize_name(model)
         if name not in self._catalog:
             raise ModelNotFound(model)
-        if apps := self._apps_of(name):
-            return apps
-        task = self._loading.get(name)
-        if task is None:
-            task = asyncio.create_task(self._cold_start(name))
-            self._loading[name] = task
-            task.add_done_callback(lambda _: self._loading.pop(name, None))
-        await asyncio.shield(task)
-        return self._apps_of(name)
+        if not self._apps_of(name):
+            task = self._loading.get(name)
+            if task is None:
+                task = asyncio.create_task(self._cold_start(name))
+                self._loading[name] = task
+                task.add_done_callback(lambda _: self._loading.pop(name, None))
+            await asyncio.shield(task)
+        return self._routes(name)
+
+    def _routes(self, model: str) -> list[Route]:
+        now, max_queue = time.monotonic(), self._settings.max_queue
+        routes = []
+        for p in self._placements.values():
+            if p.model != model:
+                continue
+            app = app_name_for(*p.key)
+            held: dict[str, int] = {}
+            for _, load in self._fresh_reports(app, now):
+                for origin, n in load.pending.items():
+                    held[origin] = held.get(origin, 0) + n
+            routes.append(Route(app, p.node, p.replicas, p.replicas * max_queue, held))
+        return routes
 
     async def plan(self, specs: list[ModelSpec]) -> PlanReport:
         """What ``apply(specs)`` would change now; changes nothing."""
@@ -233,12 +409,31 @@ class Controller:
     ) -> PlanReport:
         """Plan ``specs`` against what runs; ``models`` are the files of newly declared specs
         (the others come from the catalog)."""
+        nodes, infos = await self._plan_inputs(specs, models)
+        current = list(self._placements.values())
+        result = self._plan_with(nodes, infos, specs, current)
+        changes = diff(current, result)
+        touched = {c.placement.key for c in changes}
+        unchanged = [p for p in result.placements if p.key not in touched]
+        return PlanReport(result, changes, unchanged)
+
+    async def _plan_inputs(
+        self, specs: list[ModelSpec], models: dict[str, LocalModel] | None = None
+    ) -> tuple[list[PlanNode], dict[str, GgufInfo]]:
+        """The nodes and the GGUF facts of each spec's model, for ``_plan_with``."""
         files = {**self._catalog, **(models or {})}
         paths = {s.name: files[s.name].path for s in specs}
         infos = {name: await asyncio.to_thread(read_gguf, path) for name, path in paths.items()}
-        nodes = await self._plan_nodes()
-        current = list(self._placements.values())
-        result = plan(
+        return await self._plan_nodes(), infos
+
+    def _plan_with(
+        self,
+        nodes: list[PlanNode],
+        infos: dict[str, GgufInfo],
+        specs: list[ModelSpec],
+        current: list[Placement],
+    ) -> Plan:
+        return plan(
             nodes,
             specs,
             current,
@@ -246,10 +441,6 @@ class Controller:
             default_context=self._settings.num_ctx,
             default_threads=self._settings.num_threads,
         )
-        changes = diff(current, result)
-        touched = {c.placement.key for c in changes}
-        unchanged = [p for p in result.placements if p.key not in touched]
-        return PlanReport(result, changes, unchanged)
 
     async def _plan_nodes(self) -> list[PlanNode]:
         statuses = (
@@ -263,20 +454,38 @@ class Controller:
         async with self._changing:
             if self._apps_of(name):
                 return
+            started = time.monotonic()
             spec = self._declared.get(name) or _demand_spec(name)
             one = spec.model_copy(
                 update={"replicas": Replicas(min=max(1, spec.replicas.min), max=spec.replicas.max)}
             )
-            others = [s for s in self._wanted(list(self._declared.values())) if s.name != name]
-            report = await self._plan([*others, one])
-            new = [c for c in report.changes if c.op == "+" and c.placement.model == name]
-            if not new:
-                missing = next((u for u in report.plan.unplaced if u.model == name), None)
-                reason = missing.reason if missing else "no node can take it"
-                log.warning("cold start of %s refused: %s", name, reason)
-                raise ServiceUnavailable(f"The model '{name}' cannot be loaded now: {reason}")
-            log.info("cold start: %s", "; ".join(c.describe() for c in new))
-            started = time.monotonic()
+            specs = [*(s for s in self._wanted(list(self._declared.values())) if s.name != name)]
+            specs.append(one)
+            nodes, infos = await self._plan_inputs(specs)
+
+            def attempt(victims: Sequence[eviction.Victim]) -> Plan:
+                cut = {v.key: v.replicas for v in victims}
+                current = [
+                    replace(p, replicas=p.replicas - cut.get(p.key, 0))
+                    for p in self._placements.values()
+                    if p.replicas > cut.get(p.key, 0)
+                ]
+                return self._plan_with(nodes, infos, specs, current)
+
+            def placed(result: Plan) -> bool:
+                return bool(result.for_model(name))
+
+            result = attempt([])
+            if not placed(result):
+                await self._make_room(name, attempt, placed)
+                result = attempt([])
+            current = list(self._placements.values())
+            new = [c for c in diff(current, result) if c.op == "+" and c.placement.model == name]
+            if not new:  # a victim got a request meanwhile and stayed
+                raise ServiceUnavailable(
+                    f"The model '{name}' cannot be loaded now: the models in its way are busy.",
+                    retry_after=5,
+                )
             failed = await self._execute(new)
             if failed:
                 raise ModelLoadFailed(
@@ -284,7 +493,34 @@ class Controller:
                 )
             if name not in self._declared:
                 self._on_demand.add(name)
-            log.info("loaded %s in %.1fs", name, time.monotonic() - started)
+            took = time.monotonic() - started
+            for c in new:
+                self._event("load", name, c.placement.node, f"requested; ready in {took:.1f}s")
+
+    async def _make_room(self, name: str, attempt, placed) -> None:
+        """Evict the least recently used idle placements until ``name`` fits (see
+        ``cluster/eviction.py``); ServiceUnavailable with the reason if nothing can."""
+        now = time.monotonic()
+        ordered = eviction.candidates(self._model_states(now), name)
+        victims = eviction.choose(ordered, lambda v: placed(attempt(v)))
+        if victims is None:
+            best = attempt(ordered)
+            missing = next((u for u in best.unplaced if u.model == name), None)
+            reason = missing.reason if missing else "no node can take it"
+            if ordered:
+                reason += (
+                    f" (counting the memory that evicting all {len(ordered)} idle placements "
+                    f"of other models would free)"
+                )
+            log.warning("cold start of %s refused: %s", name, reason)
+            raise ServiceUnavailable(f"The model '{name}' cannot be loaded now: {reason}")
+        why = f"to make room for {name}"
+        cuts = [(self._placements[v.key], v.replicas) for v in victims]
+        for p in await self._unload(cuts, why):
+            victim = next(v for v in victims if v.key == p.key)
+            self._event(
+                "evict", p.model, p.node, f"{why}; least recently used: {victim.describe(now)}"
+            )
 
     # -- making it so ----------------------------------------------------------
 
@@ -296,6 +532,7 @@ class Controller:
         stopping = [c.before for c in changes if c.op == "-" or c.reload]
         for p in stopping:
             self._placements.pop(p.key, None)
+            self._forget(p.key)
         if stopping:
             # Let every ingress see the new routes before the replicas go away.
             await asyncio.sleep(ROUTES_TTL + 0.5)
@@ -328,6 +565,7 @@ class Controller:
                 log.error("placement %s failed: %s", label, failed[label])
             else:
                 self._placements[p.key] = p
+                self._ready_at.setdefault(p.key, time.monotonic())
         return failed
 
     async def _wait_running(self, placements: list[Placement]) -> dict[str, str]:
@@ -358,18 +596,24 @@ class Controller:
         return failed
 
     def _engine_spec(self, p: Placement) -> EngineSpec:
+        spec = self._spec_of(p.model)
         return EngineSpec(
             model=p.model,
             path=p.path,
             n_ctx=p.context,
             n_threads=p.threads,
             n_gpu_layers=p.gpu_layers,
+            engine=spec.engine,
+            options=dict(spec.engine_options),
         )
 
     def _replica_options(self) -> ReplicaOptions:
         s = self._settings
         return ReplicaOptions(
-            max_queue=s.max_queue, stream_interval=s.stream_interval, log_level=s.log_level
+            max_queue=s.max_queue,
+            stream_interval=s.stream_interval,
+            log_level=s.log_level,
+            report_to=(CONTROLLER_ACTOR, NAMESPACE),
         )
 
 

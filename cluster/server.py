@@ -92,7 +92,12 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
         here = _this_node()
         start_controller(settings, here)
         config = IngressConfig(
-            host=host, port=port, version=corral_version(), log_level=settings.log_level
+            host=host,
+            port=port,
+            version=corral_version(),
+            log_level=settings.log_level,
+            routing=settings.routing,
+            load_timeout=settings.load_timeout,
         )
         serve.run(ingress_app(config, node_labels=here), name=INGRESS_APP, route_prefix=None)
         _wait_until_answering(running.url, timeout=60)

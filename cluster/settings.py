@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from cluster import yamlfile
+from deployments.routing import Strategy
 from nodes.agent import NodeSettings
 
 ENV_PREFIX = "CORRAL_"
@@ -69,7 +70,19 @@ class CorralSettings(BaseSettings):
     load_timeout: float = Field(
         default=600.0,
         gt=0,
-        description="Seconds to wait for a model to load before the request fails.",
+        description="Seconds a request waits for its model to load (a cold start) before it "
+        "fails with 503; the load itself goes on.",
+    )
+    routing: Strategy = Field(
+        default="least_loaded",
+        description="How the API picks among a model's placements: least_loaded (fewest "
+        "requests per replica); round_robin and random are there to compare against.",
+    )
+    policy_interval: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="Seconds between two runs of the autoscaling and keep-alive policy.",
     )
     dashboard: bool = Field(
         default=True,

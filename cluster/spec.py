@@ -69,9 +69,23 @@ class Placement(_Strict):
 
 
 class Autoscaling(_Strict):
+    """When replicas are added under load and removed after it."""
+
     target: float = Field(
         default=2.0, gt=0, description="requests in flight per replica before another is added"
     )
+    upscale_delay: float = Field(
+        default=5.0, description="how long the load stays above target before a replica is added"
+    )
+    downscale_delay: float = Field(
+        default=60.0,
+        description="how long the load stays low before a replica is removed (-1: never)",
+    )
+
+    @field_validator("upscale_delay", "downscale_delay", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
 
 
 class ModelSpec(_Strict):
@@ -96,6 +110,16 @@ class ModelSpec(_Strict):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     threads: int | None = Field(
         default=None, ge=1, description="CPU threads per replica (default: the node's cores)"
+    )
+    engine: Literal["llama.cpp", "fake"] = Field(
+        default="llama.cpp",
+        description="llama.cpp runs the model; fake answers with deterministic words at a set "
+        "pace, for testing routing and scaling without the CPU cost",
+    )
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings of the engine; fake: token_delay, prompt_delay, reply_tokens, "
+        "load_delay (seconds or counts)",
     )
 
     @field_validator("name")

@@ -55,8 +55,10 @@ def build_api(backend: ModelBackend, *, version: str = "dev") -> FastAPI:
 def error_response(path: str, error: ApiError) -> Response:
     """``error`` in the shape of the API that ``path`` belongs to."""
     if path.startswith("/api/"):
-        return JSONResponse({"error": error.message}, status_code=error.status)
-    return JSONResponse(openai_body(error), status_code=error.status)
+        body: dict = {"error": error.message}
+    else:
+        body = openai_body(error)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 async def _error_handler(request: Request, exc: Exception) -> Response:

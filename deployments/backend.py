@@ -7,9 +7,11 @@ The HTTP routes know nothing of Ray. They talk to a ``ModelBackend``;
 
 from __future__ import annotations
 
-import random
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Protocol
 
 import ray
@@ -18,8 +20,9 @@ from ray.actor import ActorHandle
 from ray.serve.handle import DeploymentHandle
 
 from deployments.replica import REPLICA_DEPLOYMENT, Refused, StreamEvent
+from deployments.routing import Route, Router, Strategy, merge_load, retry_after
 from nodes.engine import Embeddings, GenerateRequest
-from nodes.errors import ServiceUnavailable
+from nodes.errors import Overloaded, ServiceUnavailable
 from nodes.models import LocalModel
 
 # The controller actor (cluster/controller.py) registers under this name; the
@@ -43,7 +46,9 @@ class ModelBackend(Protocol):
         """Batches of events: ``[Admitted]`` first, ``Finished`` last; or ``[Refused]``."""
         ...
 
-    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
+    async def embed(
+        self, model: str, texts: Sequence[str], keep_alive: float | None = None
+    ) -> Embeddings | Refused:
         """One vector per text, or ``Refused`` for input the model cannot take."""
         ...
 
@@ -57,14 +62,35 @@ class ModelBackend(Protocol):
 
 
 class ServeBackend:
-    """``ModelBackend`` over the controller actor and Serve replica handles."""
+    """``ModelBackend`` over the controller actor and Serve replica handles.
 
-    def __init__(self, controller: str = CONTROLLER_ACTOR, namespace: str = NAMESPACE) -> None:
+    Each request goes to the placement ``router`` picks from the loads this
+    ingress counts itself (exact) plus what replicas report holding for other
+    ingresses (``deployments/routing.py``). The placements of a model are asked
+    of the controller at most every ``ROUTES_TTL``; asking also makes it load the
+    model if none runs, which a request waits for up to ``load_timeout``.
+    """
+
+    def __init__(
+        self,
+        controller: str = CONTROLLER_ACTOR,
+        namespace: str = NAMESPACE,
+        *,
+        routing: Strategy = "least_loaded",
+        load_timeout: float = 600.0,
+    ) -> None:
         self._controller_name = controller
         self._namespace = namespace
         self._controller_handle: ActorHandle | None = None
-        # model -> (when the controller was last asked, a handle per placement)
-        self._routes: dict[str, tuple[float, list[DeploymentHandle]]] = {}
+        self._router = Router(routing)
+        self._load_timeout = load_timeout
+        self.origin = f"ingress-{uuid.uuid4().hex[:12]}"  # how replicas tell us apart
+        # model -> (when the controller was last asked, its placements)
+        self._routes: dict[str, tuple[float, list[Route]]] = {}
+        self._refreshing: dict[str, asyncio.Task[list[Route]]] = {}
+        self._handles: dict[str, DeploymentHandle] = {}
+        self._in_flight: dict[str, int] = {}  # app -> requests this ingress has on it
+        self._seconds_per_request: dict[str, float] = {}  # model -> moving average
 
     def _controller(self) -> ActorHandle:
         if self._controller_handle is None:
@@ -74,40 +100,97 @@ class ServeBackend:
     async def list_models(self) -> list[LocalModel]:
         return await self._controller().list_models.remote()
 
-    async def _replica(self, model: str) -> DeploymentHandle:
-        """A placement of ``model`` to send a request to (any of them, for now)."""
-        now = time.monotonic()
+    async def _current_routes(self, model: str) -> list[Route]:
         known = self._routes.get(model)
-        if known is None or now - known[0] > ROUTES_TTL:
-            # Raises ModelNotFound / ModelLoadFailed / ServiceUnavailable; waits while
-            # the model loads.
-            apps = await self._controller().ensure.remote(model)
-            if not apps:
-                raise ServiceUnavailable(f"The model '{model}' has no replica right now.")
-            handles = {h.app_name: h for h in known[1]} if known else {}
-            known = (now, [handles.get(app) or _handle(app) for app in apps])
-            self._routes[model] = known
-        return random.choice(known[1])
+        if known is not None and time.monotonic() - known[0] <= ROUTES_TTL:
+            return known[1]
+        task = self._refreshing.get(model)
+        if task is None:  # one question to the controller, however many requests wait
+            task = asyncio.create_task(self._ask_routes(model))
+            self._refreshing[model] = task
+            task.add_done_callback(lambda _: self._refreshing.pop(model, None))
+        return await asyncio.shield(task)
+
+    async def _ask_routes(self, model: str) -> list[Route]:
+        # Raises ModelNotFound / ModelLoadFailed / ServiceUnavailable; waits while
+        # the model loads (a cold start), but not forever.
+        try:
+            routes = await asyncio.wait_for(
+                self._controller().ensure.remote(model, self.origin), self._load_timeout
+            )
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"The model '{model}' is still loading after {self._load_timeout:.0f}s; "
+                f"retry later.",
+                retry_after=10,
+            ) from None
+        if not routes:
+            raise ServiceUnavailable(
+                f"The model '{model}' has no replica right now.", retry_after=1
+            )
+        self._routes[model] = (time.monotonic(), routes)
+        live = {r.app for _, known in self._routes.values() for r in known}
+        for app in [a for a in self._handles if a not in live]:
+            del self._handles[app]
+        return routes
+
+    async def _pick(self, model: str) -> tuple[str, DeploymentHandle]:
+        """The placement of ``model`` to send a request to; ``Overloaded`` if all are full."""
+        routes = await self._current_routes(model)
+        candidates = [merge_load(r, self._in_flight.get(r.app, 0), self.origin) for r in routes]
+        chosen = self._router.choose(candidates)
+        if chosen is None:
+            wait = retry_after(candidates, self._seconds_per_request.get(model, 1.0))
+            raise Overloaded(
+                f"Every replica of '{model}' is busy ({sum(c.load for c in candidates)} requests "
+                f"in flight and queued); retry in a moment.",
+                retry_after=wait,
+            )
+        handle = self._handles.get(chosen.app)
+        if handle is None:
+            handle = self._handles[chosen.app] = _handle(chosen.app)
+        return chosen.app, handle
+
+    @contextlib.contextmanager
+    def _counted(self, model: str, app: str) -> Iterator[None]:
+        """Count a request as in flight on ``app`` while it runs."""
+        self._in_flight[app] = self._in_flight.get(app, 0) + 1
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            left = self._in_flight[app] - 1
+            if left:
+                self._in_flight[app] = left
+            else:
+                del self._in_flight[app]
+            took = time.monotonic() - started
+            average = self._seconds_per_request.get(model, took)
+            self._seconds_per_request[model] = 0.8 * average + 0.2 * took
 
     async def generate(
         self, model: str, request: GenerateRequest
     ) -> AsyncIterator[list[StreamEvent]]:
-        handle = await self._replica(model)
-        stream = handle.options(stream=True).generate.remote(request)
-        done = False
-        try:
-            async for batch in stream:
-                yield batch
-            done = True
-        finally:
-            if not done:
-                # The client went away (or the stream failed): stop the generation
-                # so the replica is free for the next request.
-                stream.cancel()
+        app, handle = await self._pick(model)
+        with self._counted(model, app):
+            stream = handle.options(stream=True).generate.remote(request, self.origin)
+            done = False
+            try:
+                async for batch in stream:
+                    yield batch
+                done = True
+            finally:
+                if not done:
+                    # The client went away (or the stream failed): stop the generation
+                    # so the replica is free for the next request.
+                    stream.cancel()
 
-    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
-        handle = await self._replica(model)
-        return await handle.embed.remote(list(texts))
+    async def embed(
+        self, model: str, texts: Sequence[str], keep_alive: float | None = None
+    ) -> Embeddings | Refused:
+        app, handle = await self._pick(model)
+        with self._counted(model, app):
+            return await handle.embed.remote(list(texts), self.origin, keep_alive)
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:
         return await self._controller().nodes.remote()

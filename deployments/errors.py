@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,13 @@ class ApiError:
     type: str = "invalid_request_error"
     code: str | None = None
     param: str | None = None
+    retry_after: float | None = None  # seconds; sent as a Retry-After header
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        if self.retry_after is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 # CorralError.kind -> (HTTP status, OpenAI error type, OpenAI code)
@@ -39,6 +47,8 @@ _KINDS: dict[str, tuple[int, str, str | None]] = {
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "model_load_failed": (500, "server_error", "model_load_failed"),
     "unavailable": (503, "server_error", "service_unavailable"),
+    # OpenAI's rate-limit shape: its SDKs retry a 429 after Retry-After by themselves.
+    "overloaded": (429, "rate_limit_error", "overloaded"),
 }
 
 INTERNAL = ApiError(500, "The server had an error while processing your request.", "server_error")
@@ -60,7 +70,8 @@ def classify(exc: BaseException) -> ApiError:
         )
     if isinstance(exc, CorralError):
         status, type_, code = _KINDS.get(exc.kind, (500, "server_error", exc.kind))
-        return ApiError(status, exc.message, type_, code, exc.param)
+        retry_after = getattr(exc, "retry_after", None)
+        return ApiError(status, exc.message, type_, code, exc.param, retry_after)
     if isinstance(exc, RequestValidationError | ValidationError):
         return _validation_error(exc.errors())
     log.error("unexpected error", exc_info=exc)

@@ -25,6 +25,7 @@ from ray.serve.deployment import Application
 
 from deployments.api import build_api
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ServeBackend
+from deployments.routing import Strategy
 from nodes.logs import setup_logging
 
 log = logging.getLogger("corral.ingress")
@@ -40,6 +41,8 @@ class IngressConfig:
     log_level: str = "info"
     controller: str = CONTROLLER_ACTOR
     namespace: str = NAMESPACE
+    routing: Strategy = "least_loaded"
+    load_timeout: float = 600.0  # seconds a request waits for its model to load
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -67,7 +70,13 @@ class Ingress:
 
     async def __init__(self, config: IngressConfig) -> None:
         setup_logging(config.log_level)
-        app = build_api(ServeBackend(config.controller, config.namespace), version=config.version)
+        backend = ServeBackend(
+            config.controller,
+            config.namespace,
+            routing=config.routing,
+            load_timeout=config.load_timeout,
+        )
+        app = build_api(backend, version=config.version)
         self._server = _EmbeddedServer(
             uvicorn.Config(
                 app,

@@ -20,6 +20,7 @@ one message per token cost a tenth of the decode speed on a 2-core box, while a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -50,6 +51,8 @@ from nodes.logs import setup_logging
 log = logging.getLogger("corral.replica")
 
 REPLICA_DEPLOYMENT = "ModelReplica"
+REPORT_MIN_INTERVAL = 0.05  # seconds between two load reports of a replica, at least
+REPORT_HEARTBEAT = 2.0  # seconds between load reports of a replica whose load is unchanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,19 @@ class Refused:
 
 
 StreamEvent = Admitted | Refused | GenerationEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """What a replica reports to the controller: how busy it is and since when idle."""
+
+    pending: dict[str, int]  # requests running or waiting, by origin (the ingress that sent them)
+    idle_for: float | None  # seconds since its last request ended (or it loaded); None if busy
+    keep_alive: float | None  # what its last request asked for (None: the model's keep_alive)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.pending.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,16 +165,43 @@ class ModelReplica:
         self._executor = executor or engine_executor()
         self._stream_interval = stream_interval
         self._pending = 0  # generations submitted and not finished
+        self._by_origin: dict[str, int] = {}  # requests held (generations and embeddings)
+        self._idle_since = time.monotonic()
+        self._keep_alive: float | None = None
         self._cancels: set[threading.Event] = set()  # one per live generation
         self._outcomes = {"finished": 0, "cancelled": 0, "failed": 0}
+        self.changed = asyncio.Event()  # set whenever ``load()`` changes
 
     async def stats(self) -> ReplicaStats:
         return ReplicaStats(pending=self._pending, **self._outcomes)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
+    def load(self) -> ReplicaLoad:
+        """How busy this replica is now (see ``ReplicaLoad``)."""
+        busy = any(self._by_origin.values())
+        idle_for = None if busy else time.monotonic() - self._idle_since
+        return ReplicaLoad(dict(self._by_origin), idle_for, self._keep_alive)
+
+    def _begin(self, origin: str, keep_alive: float | None) -> None:
+        self._by_origin[origin] = self._by_origin.get(origin, 0) + 1
+        self._keep_alive = keep_alive
+        self.changed.set()
+
+    def _end(self, origin: str) -> None:
+        left = self._by_origin.get(origin, 1) - 1
+        if left:
+            self._by_origin[origin] = left
+        else:
+            self._by_origin.pop(origin, None)
+        self._idle_since = time.monotonic()
+        self.changed.set()
+
+    async def generate(
+        self, request: GenerateRequest, origin: str = ""
+    ) -> AsyncIterator[list[StreamEvent]]:
         """Stream batches of events: ``[Admitted]`` first, ``Finished`` last.
 
-        A request that cannot run gets ``[Refused]`` as its only batch.
+        A request that cannot run gets ``[Refused]`` as its only batch. ``origin``
+        names the sender in load reports.
         """
         loop = asyncio.get_running_loop()
         try:
@@ -197,6 +240,7 @@ class ModelReplica:
                 put(_END)
 
         self._pending += 1
+        self._begin(origin, request.keep_alive)
         self._cancels.add(cancel)
         self._executor.submit(work)
         try:
@@ -221,13 +265,20 @@ class ModelReplica:
             cancel.set()
             self._cancels.discard(cancel)
             self._pending -= 1
+            self._end(origin)
 
-    async def embed(self, texts: Sequence[str]) -> Embeddings | Refused:
+    async def embed(
+        self, texts: Sequence[str], origin: str = "", keep_alive: float | None = None
+    ) -> Embeddings | Refused:
+        """One vector per text; ``keep_alive`` as ``GenerateRequest.keep_alive``."""
         loop = asyncio.get_running_loop()
+        self._begin(origin, keep_alive)
         try:
             return await loop.run_in_executor(self._executor, self._engine.embed, list(texts))
         except CorralError as exc:
             return Refused(exc)
+        finally:
+            self._end(origin)
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown: stop what runs, drop what waits,
@@ -273,6 +324,26 @@ class ServedReplica(ModelReplica):
         log.info(
             "loaded %s (n_ctx=%d) in %.2fs", spec.model, engine.info.n_ctx, engine.info.load_seconds
         )
+        if options.report_to:
+            self._reporter = asyncio.create_task(self._report_forever(*options.report_to))
+
+    async def _report_forever(self, actor: str, namespace: str) -> None:
+        """Tell the controller this replica's load: at once when it changes (at most every
+        ``REPORT_MIN_INTERVAL``), else every ``REPORT_HEARTBEAT`` so it knows we live."""
+        context = serve.get_replica_context()
+        app, replica = context.app_name, context.replica_id.unique_id
+        controller = None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), REPORT_HEARTBEAT)
+            self.changed.clear()
+            try:
+                controller = controller or ray.get_actor(actor, namespace)
+                controller.report.remote(app, replica, self.load())  # no need to wait
+            except Exception as exc:  # noqa: BLE001 - the controller may be restarting
+                log.debug("load report failed: %r", exc)
+                controller = None
+            await asyncio.sleep(REPORT_MIN_INTERVAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +367,7 @@ class ReplicaOptions:
     max_queue: int = 64  # requests held (running + waiting); more wait at the caller
     stream_interval: float = 0.05  # seconds between messages of a stream, after the first
     log_level: str = "info"
+    report_to: tuple[str, str] | None = None  # (actor, namespace) that takes load reports
 
 
 def replica_app(

@@ -60,6 +60,9 @@ class GenerateRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Seconds the model should stay loaded after this request, Ollama's keep_alive
+    # (0: unload at once; inf: never); None: the model's own setting.
+    keep_alive: float | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):

@@ -77,6 +77,25 @@ class ModelLoadFailed(CorralError):
 
 
 class ServiceUnavailable(CorralError):
-    """A transient condition: the replica died, the cluster is shutting down, ..."""
+    """A transient condition: the replica died, the model is still loading, no room ...
+
+    ``retry_after`` (seconds) becomes a Retry-After header when a retry may work.
+    """
 
     kind = "unavailable"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after
+
+
+class Overloaded(CorralError):
+    """Every replica of the model holds as many requests as it may: retry a little later."""
+
+    kind = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

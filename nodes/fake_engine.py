@@ -8,6 +8,8 @@ prompt and seed always give the same words, at a set delay per token.
 Options (``EngineSpec.options``):
 
 * ``token_delay``: seconds per generated token (default 0.01);
+* ``token_delay_by_node``: ``{node name: seconds}``, the token delay on those nodes
+  (a simulated cluster's slow boxes); the node is the Ray node's ``corral.node`` label;
 * ``prompt_delay``: seconds before the first token (default 0);
 * ``reply_tokens``: tokens in a reply when max_tokens is not set (default 16);
 * ``load_delay``: seconds the constructor sleeps, to simulate a cold start;
@@ -56,12 +58,26 @@ def _digest(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big")
 
 
+def _node_name() -> str:
+    """The Corral name of the Ray node this runs on ("" outside a Ray worker)."""
+    import ray
+
+    from nodes.agent import LABEL_NODE
+
+    if not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_labels().get(LABEL_NODE, "")
+
+
 class FakeEngine:
     """Deterministic words at a configurable pace; one token per word."""
 
     def __init__(self, spec: EngineSpec) -> None:
         opts = spec.options
         self.token_delay = float(opts.get("token_delay", 0.01))
+        by_node = opts.get("token_delay_by_node") or {}
+        if by_node:
+            self.token_delay = float(by_node.get(_node_name(), self.token_delay))
         self.prompt_delay = float(opts.get("prompt_delay", 0.0))
         self.reply_tokens = int(opts.get("reply_tokens", 16))
         fail_after = opts.get("fail_after")

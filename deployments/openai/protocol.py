@@ -10,7 +10,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+
+from nodes.durations import parse_duration
+
+# Ollama's keep_alive ("5m", 300, 0, -1), accepted on OpenAI routes as an extension.
+KeepAlive = Annotated[
+    float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
+]
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -77,6 +91,8 @@ class SamplingFields(OpenAIRequest):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repeat_penalty: float | None = Field(default=None, ge=0)
+    # how long the model stays loaded after this request (Ollama's keep_alive)
+    keep_alive: KeepAlive = None
 
     @property
     def include_usage(self) -> bool:
@@ -105,6 +121,7 @@ class EmbeddingRequest(OpenAIRequest):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    keep_alive: KeepAlive = None
 
 
 # -- responses -------------------------------------------------------------------

@@ -114,7 +114,7 @@ class OpenAIServing:
     async def embeddings(self, req: p.EmbeddingRequest) -> p.EmbeddingResponse:
         _log_ignored(req)
         texts = embedding_inputs(req)
-        result = await self._backend.embed(req.model, texts)
+        result = await self._backend.embed(req.model, texts, req.keep_alive)
         if isinstance(result, Refused):
             raise result.error
         data = [
@@ -190,7 +190,7 @@ def chat_to_engine(req: p.ChatCompletionRequest) -> GenerateRequest:
         json_mode=fmt is not None and fmt.type == "json_object",
         json_schema=json_schema,
     )
-    return GenerateRequest(messages=messages, params=params)
+    return GenerateRequest(messages=messages, params=params, keep_alive=req.keep_alive)
 
 
 def completion_to_engine(req: p.CompletionRequest) -> GenerateRequest:
@@ -208,7 +208,8 @@ def completion_to_engine(req: p.CompletionRequest) -> GenerateRequest:
         raise InvalidRequest("Fill-in-the-middle (suffix) is not supported.", param="suffix")
     if req.best_of not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", param="best_of")
-    return GenerateRequest(prompt=prompt, params=sampling_params(req, max_tokens=req.max_tokens))
+    params = sampling_params(req, max_tokens=req.max_tokens)
+    return GenerateRequest(prompt=prompt, params=params, keep_alive=req.keep_alive)
 
 
 def sampling_params(

@@ -40,9 +40,9 @@ def client(openai_client) -> openai.OpenAI:
 
 
 def replica_stats() -> ReplicaStats:
-    apps = ray.get(ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE).ensure.remote(MODEL))
-    assert len(apps) == 1, f"expected one placement of {MODEL}, found {apps}"
-    handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, apps[0])
+    routes = ray.get(ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE).ensure.remote(MODEL))
+    assert len(routes) == 1, f"expected one placement of {MODEL}, found {routes}"
+    handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, routes[0].app)
     return handle.stats.remote().result()
 
 

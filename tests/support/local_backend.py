@@ -39,8 +39,10 @@ class LocalBackend:
         async for batch in self.replica(model).generate(request):
             yield batch
 
-    async def embed(self, model: str, texts: Sequence[str]) -> Embeddings | Refused:
-        return await self.replica(model).embed(texts)
+    async def embed(
+        self, model: str, texts: Sequence[str], keep_alive: float | None = None
+    ) -> Embeddings | Refused:
+        return await self.replica(model).embed(texts, keep_alive=keep_alive)
 
     async def cluster_nodes(self) -> list[dict]:
         return []  # no cluster in process; the integration suite checks the real view

@@ -1,0 +1,95 @@
+"""Which placement of a model gets the next request: pure choices over plain data.
+
+The ingress knows exactly how many requests it has in flight on each
+placement; replicas report what they hold by origin (which ingress sent it),
+so requests from other ingresses count too without counting this one's twice.
+``least_loaded`` picks the placement with the fewest requests per replica,
+ties at random; a slow node finishes its requests later, holds more of them,
+and so gets fewer new ones. A placement at its queue limit gets none: when all
+are full the caller answers 429 instead of queueing without bound.
+
+``round_robin`` and ``random`` exist to compare against (``bench/routing.py``).
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal
+
+Strategy = Literal["least_loaded", "round_robin", "random"]
+STRATEGIES: tuple[Strategy, ...] = ("least_loaded", "round_robin", "random")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One placement of a model as the controller tells the ingress about it."""
+
+    app: str  # the Serve application
+    node: str
+    replicas: int
+    capacity: int  # requests its replicas hold at most (running + queued)
+    # requests its replicas hold now, by the origin (ingress) that sent them
+    reported: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A route with the load the ingress sees on it now."""
+
+    app: str
+    replicas: int
+    load: int  # requests in flight and queued on its replicas
+    capacity: int
+
+    @property
+    def full(self) -> bool:
+        return self.load >= self.capacity
+
+
+def merge_load(route: Route, local: int, origin: str) -> Candidate:
+    """``route`` with this ingress's exact count plus what the replicas hold for others."""
+    others = sum(n for who, n in route.reported.items() if who != origin)
+    return Candidate(route.app, route.replicas, local + others, route.capacity)
+
+
+def least_loaded(candidates: Sequence[Candidate], rng: _random.Random) -> Candidate | None:
+    """The open candidate with the fewest requests per replica (ties at random), or
+    None when every one is full."""
+    open_ = [c for c in candidates if not c.full]
+    if not open_:
+        return None
+    per_replica = {c.app: Fraction(c.load, max(1, c.replicas)) for c in open_}
+    best = min(per_replica.values())
+    return rng.choice([c for c in open_ if per_replica[c.app] == best])
+
+
+class Router:
+    """Picks a candidate by ``strategy``; holds the round-robin position."""
+
+    def __init__(self, strategy: Strategy = "least_loaded", seed: int | None = None) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown routing strategy {strategy!r}; one of {STRATEGIES}")
+        self.strategy = strategy
+        self._rng = _random.Random(seed)
+        self._turn = 0
+
+    def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
+        if self.strategy == "least_loaded":
+            return least_loaded(candidates, self._rng)
+        open_ = sorted((c for c in candidates if not c.full), key=lambda c: c.app)
+        if not open_:
+            return None
+        if self.strategy == "random":
+            return self._rng.choice(open_)
+        self._turn += 1
+        return open_[self._turn % len(open_)]
+
+
+def retry_after(candidates: Sequence[Candidate], seconds_per_request: float) -> float:
+    """A fair Retry-After when every candidate is full: the time for one queue slot to
+    free, at least a second."""
+    replicas = sum(c.replicas for c in candidates) or 1
+    return max(1.0, seconds_per_request / replicas)
