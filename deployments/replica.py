@@ -287,7 +287,11 @@ class ModelReplica:
             cancel.set()
         executor = getattr(self, "_executor", None)
         if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+            # The last reference may go on the engine thread itself (a cancelled
+            # generation winding down): that thread cannot wait for itself, and runs
+            # nothing else meanwhile, so closing the engine here is safe.
+            on_engine_thread = threading.current_thread() in getattr(executor, "_threads", ())
+            executor.shutdown(wait=not on_engine_thread, cancel_futures=True)
             self._engine.close()
 
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
-from deployments.replica import Admitted, ModelReplica, Refused
+import pytest
+
+from deployments.replica import Admitted, ModelReplica, Refused, engine_executor
 from nodes.engine import (
     ChatMessage,
+    Embeddings,
+    Engine,
     EngineSpec,
     Finished,
     GenerateRequest,
@@ -16,6 +26,7 @@ from nodes.engine import (
     load_engine,
 )
 from nodes.errors import ContextLengthExceeded
+from nodes.fake_engine import EngineFault
 
 
 def replica(stream_interval: float = 0.0, **options) -> ModelReplica:
@@ -105,3 +116,239 @@ def test_a_caller_that_stops_reading_cancels_its_generation():
 
     stats = asyncio.run(run())
     assert (stats.pending, stats.cancelled, stats.finished) == (0, 1, 0)
+
+
+# --- load(): what a replica reports to the controller -------------------------------
+
+
+def fake_engine(**options) -> Engine:
+    return load_engine(EngineSpec(model="fake", path="", n_ctx=64, engine="fake", options=options))
+
+
+@pytest.fixture
+def make_replica() -> Iterator[Callable[..., ModelReplica]]:
+    """Replicas whose engine threads are shut down at the end of the test, so that no
+    work of one test still runs in the next."""
+    made: list[tuple[ModelReplica, ThreadPoolExecutor]] = []
+
+    def make(engine: Engine | None = None, **options) -> ModelReplica:
+        executor = engine_executor()
+        rep = ModelReplica(engine or fake_engine(**options), executor)
+        made.append((rep, executor))
+        return rep
+
+    yield make
+    for _, executor in made:
+        executor.shutdown(wait=True)
+    made.clear()
+
+
+def test_a_fresh_replica_is_idle_since_it_loaded_with_no_keep_alive_of_its_own():
+    load = replica().load()
+    assert load.pending == {} and load.in_flight == 0
+    assert load.idle_for is not None and 0 <= load.idle_for < 5
+    assert load.keep_alive is None
+
+
+def test_load_counts_the_requests_held_by_origin_while_they_run(make_replica):
+    rep = make_replica(token_delay=0.01, reply_tokens=500)
+
+    async def run():
+        streams = [rep.generate(request(f"r{i}"), origin=o) for i, o in enumerate("aab")]
+        for stream in streams:
+            assert await anext(stream) == [Admitted()]  # counted from here on
+        during = rep.load()
+        await streams[0].aclose()  # one of a's goes away
+        one_left = rep.load()
+        for stream in streams[1:]:
+            await stream.aclose()
+        return during, one_left, rep.load()
+
+    during, one_left, after = asyncio.run(run())
+    assert during.pending == {"a": 2, "b": 1} and during.in_flight == 3
+    assert during.idle_for is None  # busy
+    assert one_left.pending == {"a": 1, "b": 1} and one_left.idle_for is None
+    assert after.pending == {}  # no origin left behind at 0
+    assert after.idle_for is not None
+
+
+def test_load_counts_a_generation_waiting_in_the_queue(make_replica):
+    rep = make_replica(token_delay=0.01, reply_tokens=500)
+
+    async def run():
+        first = rep.generate(request("one"), origin="a")
+        await anext(first)
+        await anext(first)  # running: text came
+        waiting = rep.generate(request("two"), origin="b")
+        await anext(waiting)  # admitted, queued behind the first
+        load = rep.load()
+        await first.aclose()
+        await waiting.aclose()
+        return load
+
+    load = asyncio.run(run())
+    assert load.pending == {"a": 1, "b": 1} and load.idle_for is None
+
+
+def test_idle_for_is_none_while_busy_and_grows_once_idle(make_replica):
+    rep = make_replica(token_delay=0.002, reply_tokens=20)
+
+    async def run():
+        seen = []
+        async for _ in rep.generate(request(), origin="a"):
+            seen.append(rep.load().idle_for)
+        first = rep.load().idle_for
+        await asyncio.sleep(0.05)
+        return seen, first, rep.load().idle_for
+
+    seen, first, later = asyncio.run(run())
+    assert seen and all(idle_for is None for idle_for in seen)
+    assert first is not None and 0 <= first < 0.05  # idle since the request ended
+    assert later is not None and later >= first + 0.04
+
+
+def test_keep_alive_is_the_last_requests(make_replica):
+    rep = make_replica(token_delay=0, reply_tokens=3)
+
+    async def run():
+        seen = []
+        for keep_alive in (30.0, 0.0, None, math.inf):
+            async for _ in rep.generate(replace(request(), keep_alive=keep_alive)):
+                pass
+            seen.append(rep.load().keep_alive)
+        return seen
+
+    assert asyncio.run(run()) == [30.0, 0.0, None, math.inf]
+
+
+def test_keep_alive_while_two_run_is_the_later_ones(make_replica):
+    rep = make_replica(token_delay=0.01, reply_tokens=500)
+
+    async def run():
+        first = rep.generate(replace(request("one"), keep_alive=600.0), origin="a")
+        await anext(first)
+        second = rep.generate(replace(request("two"), keep_alive=5.0), origin="a")
+        await anext(second)
+        during = rep.load()
+        await first.aclose()  # the first ends after the second began
+        after_first = rep.load()
+        await second.aclose()
+        return during, after_first
+
+    during, after_first = asyncio.run(run())
+    assert during.keep_alive == 5.0 and during.pending == {"a": 2}
+    assert after_first.keep_alive == 5.0 and after_first.pending == {"a": 1}
+
+
+def test_a_refused_request_is_not_counted(make_replica):
+    rep = make_replica()
+
+    async def run():
+        return [b async for b in rep.generate(replace(request("w " * 100), keep_alive=9.0))]
+
+    batches = asyncio.run(run())
+    assert isinstance(batches[0][0], Refused)
+    load = rep.load()
+    assert load.pending == {} and load.idle_for is not None
+    assert load.keep_alive is None  # a request that never ran asks for nothing
+
+
+def test_a_failed_generation_is_no_longer_counted(make_replica):
+    rep = make_replica(token_delay=0, reply_tokens=10, fail_after=2)
+
+    async def run():
+        with pytest.raises(EngineFault):
+            async for _ in rep.generate(request(), origin="a"):
+                pass
+
+    asyncio.run(run())
+    load = rep.load()
+    assert load.pending == {} and load.idle_for is not None
+
+
+def test_embed_is_counted_by_origin_with_its_keep_alive(make_replica):
+    engine = fake_engine()
+    gate = threading.Event()
+    embed = engine.embed
+
+    def held_embed(texts):
+        gate.wait(5)  # the test looks at the load meanwhile
+        return embed(texts)
+
+    engine.embed = held_embed
+    rep = make_replica(engine)
+
+    async def run():
+        task = asyncio.create_task(rep.embed(["a text"], origin="c", keep_alive=60.0))
+        await asyncio.sleep(0)  # the task runs up to waiting for the engine
+        during = rep.load()
+        gate.set()
+        return during, await task, rep.load()
+
+    try:
+        during, result, after = asyncio.run(run())
+    finally:
+        gate.set()
+    assert during.pending == {"c": 1} and during.idle_for is None
+    assert during.keep_alive == 60.0
+    assert isinstance(result, Embeddings) and len(result.vectors) == 1
+    assert after.pending == {} and after.idle_for is not None
+    assert after.keep_alive == 60.0
+
+
+def test_embed_and_generate_from_one_origin_add_up(make_replica):
+    rep = make_replica(token_delay=0.01, reply_tokens=500)
+
+    async def run():
+        stream = rep.generate(request(), origin="x")
+        await anext(stream)  # admitted: the engine thread is busy generating
+        task = asyncio.create_task(rep.embed(["t"], origin="x"))  # waits behind it
+        await asyncio.sleep(0)
+        both = rep.load()
+        await stream.aclose()
+        await task
+        return both, rep.load()
+
+    both, after = asyncio.run(run())
+    assert both.pending == {"x": 2} and both.in_flight == 2
+    assert after.pending == {}
+
+
+def test_a_load_change_sets_the_changed_flag(make_replica):
+    rep = make_replica(token_delay=0.01, reply_tokens=500)
+
+    async def run():
+        rep.changed.clear()
+        stream = rep.generate(request(), origin="a")
+        await anext(stream)
+        began = rep.changed.is_set()
+        rep.changed.clear()
+        await stream.aclose()
+        return began, rep.changed.is_set()
+
+    assert asyncio.run(run()) == (True, True)
+
+
+def test_a_replica_dropped_on_its_engine_thread_still_closes_its_engine():
+    # What happens when a client goes away and the replica is dropped before the
+    # cancelled work has wound down: that work holds the last reference, so the
+    # replica is collected on the engine thread.
+    closed = threading.Event()
+    engine = fake_engine()
+    engine.close = closed.set
+    executor = engine_executor()
+    rep = ModelReplica(engine, executor)
+    gate = threading.Event()
+    executor.submit(lambda held: gate.wait(5), rep)  # the engine thread holds it
+    del rep
+    errors = []
+    hook, sys.unraisablehook = sys.unraisablehook, errors.append
+    try:
+        gate.set()
+        deadline = time.monotonic() + 2
+        while not (closed.is_set() or errors) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert closed.is_set(), f"engine not closed; __del__ raised {errors}"
+    finally:
+        sys.unraisablehook = hook
+        gate.set()
