@@ -122,8 +122,8 @@ def main() -> None:
     app()
 
 
-# Modules that register their commands on `app`: node start/stop, nodes, plan, apply.
-from cluster import cli_nodes, cli_plan  # noqa: E402,F401
+# Modules that register their commands on `app`: node start/stop, nodes, plan, apply, ps.
+from cluster import cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -286,13 +286,16 @@ class Controller:
             state = status.applications.get(app)
             load = self._load_of(p, now)
             spec = self._spec_of(p.model)
-            expires = load.expires_at
+            total = sum(q.replicas for q in self._placements.values() if q.model == p.model)
+            held = total <= spec.replicas.min  # keep-alive unloads nothing below min
+            expires = None if held else load.expires_at
             rows.append(
                 {
                     "in_flight": load.in_flight,
                     "idle_for": None if load.idle_since is None else now - load.idle_since,
                     "keep_alive": None if load.keep_alive == FOREVER else load.keep_alive,
                     "expires_at": None if expires is None else wall + (expires - now),
+                    "held": held,
                     "pinned": spec.pinned,
                     "min": spec.replicas.min,
                     "max": spec.replicas.max,

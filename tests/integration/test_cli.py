@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -71,6 +72,26 @@ def test_corral_serve_serves_the_starter_model_and_stops_cleanly(tmp_path):
             model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8
         )
         assert reply.choices[0].message.content
+        # `corral ps` asks the API: the model just used, on this box, idle, unloading in ~5m.
+        ps = subprocess.run(
+            [CORRAL, "ps", "--host", f"127.0.0.1:{port}"], capture_output=True, text=True
+        )
+        assert ps.returncode == 0, ps.stderr
+        header, row = ps.stdout.splitlines()[:2]
+        assert header.split()[:5] == ["MODEL", "NODE", "REPLICAS", "IN", "FLIGHT"]
+        assert row.split()[:4] == ["smollm2:135m", socket.gethostname(), "1", "0"]
+        assert " in 4m" in row or " in 5m" in row, row  # keep_alive 5m counts down
+        rows = json.loads(
+            subprocess.run(
+                [CORRAL, "ps", "--json", "--host", f"127.0.0.1:{port}"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert [(r["model"], r["in_flight"], r["pinned"]) for r in rows] == [
+            ("smollm2:135m", 0, False)
+        ]
         # The Ray token lives in the state dir, readable by its owner only.
         token = tmp_path / "state" / "ray-token"
         assert token.stat().st_mode & 0o777 == 0o600

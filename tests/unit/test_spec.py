@@ -379,3 +379,32 @@ def test_format_duration(seconds, text):
 def test_format_parses_back(text):
     seconds = FOREVER if text == "forever" else parse_duration(text)
     assert format_duration(seconds) == text
+
+
+def test_the_documented_example_holds_the_defaults():
+    """configs/models.yaml says its values are the defaults: keep it true."""
+    repo = Path(__file__).resolve().parents[2]
+    (documented,) = load_models(repo / "configs" / "models.yaml")
+    assert documented == ModelSpec(name="smollm2:135m")
+    assert load_models(repo / "configs" / "homelab.models.yaml")  # the example parses
+
+
+def test_autoscaling_delays_are_durations(tmp_path):
+    text = (
+        "models:\n  - name: a\n    autoscaling: {target: 1, upscale_delay: 500ms, "
+        "downscale_delay: -1}\n"
+    )
+    (spec,) = load_models(write(tmp_path / "models.yaml", text))
+    assert spec.autoscaling.upscale_delay == 0.5
+    assert spec.autoscaling.downscale_delay == math.inf  # never scale down on load
+    bad = "models:\n  - name: a\n    autoscaling:\n      upscale_delay: soon\n"
+    with pytest.raises(ConfigError, match=r"bad.yaml:4: models\[0\].autoscaling.upscale_delay"):
+        load_models(write(tmp_path / "bad.yaml", bad))
+
+
+def test_engine_is_llama_cpp_or_fake(tmp_path):
+    text = "models:\n  - name: a\n    engine: fake\n    engine_options: {token_delay: 0.02}\n"
+    (spec,) = load_models(write(tmp_path / "models.yaml", text))
+    assert (spec.engine, spec.engine_options) == ("fake", {"token_delay": 0.02})
+    with pytest.raises(ConfigError, match=r"bad.yaml:3: models\[0\].engine: .*llama.cpp"):
+        load_models(write(tmp_path / "bad.yaml", "models:\n  - name: a\n    engine: vllm\n"))

@@ -1,0 +1,102 @@
+"""``corral ps``: what runs where, how busy it is, and when keep-alive unloads it.
+
+It asks the API (``GET /api/cluster/placements``) like ``ollama ps`` asks
+Ollama's, so it works from any box that can reach the API, without joining Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cluster.cli import ConfigOption, app, fail, load
+from cluster.planner import human_bytes
+from cluster.settings import parse_host
+from nodes.durations import format_duration
+
+
+@app.command("ps")
+def ps(
+    host: Annotated[
+        str | None, typer.Option(help="The Corral API to ask, HOST:PORT (default: settings' host).")
+    ] = None,
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Loaded models: node, replicas, requests in flight, idle time, when they unload."""
+    settings = load(config, host=host)
+    url = api_url(settings.host)
+    try:
+        rows = fetch_placements(url)
+    except OSError as exc:
+        raise fail(f"cannot reach Corral at {url} ({exc}); is `corral serve` running?") from None
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        Console(stderr=True).print("No model is loaded.")
+        return
+    Console(width=None if sys.stdout.isatty() else 200).print(ps_table(rows, time.time()))
+
+
+def api_url(host: str) -> str:
+    """Where to reach the API that ``host`` (the listen address) serves."""
+    address, port = parse_host(host)
+    if address in ("0.0.0.0", "::", ""):
+        address = "127.0.0.1"
+    return f"http://{f'[{address}]' if ':' in address else address}:{port}"
+
+
+def fetch_placements(url: str) -> list[dict[str, Any]]:
+    import httpx
+
+    try:
+        r = httpx.get(f"{url}/api/cluster/placements", timeout=10)
+    except httpx.HTTPError as exc:
+        raise OSError(str(exc) or type(exc).__name__) from None
+    if r.status_code != 200:
+        raise OSError(f"HTTP {r.status_code}: {r.text[:200]}")
+    return r.json()["placements"]
+
+
+def ps_table(rows: list[dict[str, Any]], now: float) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("MODEL", "NODE", "REPLICAS", "IN FLIGHT", "IDLE FOR", "UNTIL", "PINNED"):
+        table.add_column(column)
+    table.add_column("MEMORY", justify="right")
+    for row in rows:
+        replicas = str(row["replicas"])
+        if row["status"] != "RUNNING":
+            replicas += f" ({row['status'].lower()})"
+        memory = human_bytes(row["ram"] * row["replicas"])
+        if row["vram"]:
+            memory += f" + {human_bytes(row['vram'] * row['replicas'])} VRAM"
+        table.add_row(
+            row["model"],
+            row["node"],
+            replicas,
+            str(row["in_flight"]),
+            "-" if row["idle_for"] is None else format_duration(row["idle_for"]),
+            _until(row, now),
+            "yes" if row["pinned"] else "no",
+            memory,
+        )
+    return table
+
+
+def _until(row: dict[str, Any], now: float) -> str:
+    """When keep-alive unloads it, as ``ollama ps`` says it."""
+    if row["idle_for"] is None:
+        return "busy"
+    if row["held"]:
+        return "kept (replicas.min)"
+    if row["expires_at"] is None:
+        return "forever"
+    left = row["expires_at"] - now
+    return "now" if left <= 0 else f"in {format_duration(left)}"

@@ -1,0 +1,73 @@
+"""``corral ps``: the table from the API's placement rows, and where it asks."""
+
+from __future__ import annotations
+
+import pytest
+from rich.console import Console
+
+from cluster.cli_ps import api_url, ps_table
+
+NOW = 1_800_000_000.0
+
+
+def row(**changes) -> dict:
+    base = {
+        "model": "llama3.2:1b",
+        "node": "gpubox",
+        "replicas": 1,
+        "status": "RUNNING",
+        "ram": 2 * 1024**3,
+        "vram": 0,
+        "in_flight": 0,
+        "idle_for": 42.0,
+        "expires_at": NOW + 258,
+        "held": False,
+        "pinned": False,
+        "min": 0,
+    }
+    return {**base, **changes}
+
+
+def render(rows: list[dict]) -> list[str]:
+    console = Console(width=200, record=True)
+    console.print(ps_table(rows, NOW))
+    return [line.split() for line in console.export_text().splitlines()]
+
+
+def test_a_row_says_node_load_idle_time_and_expiry():
+    header, line = render([row()])
+    assert header[:2] == ["MODEL", "NODE"]
+    assert line == ["llama3.2:1b", "gpubox", "1", "0", "42s", "in", "4m18s", "no", "2.0", "GiB"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "until"),
+    [
+        ({"in_flight": 3, "idle_for": None, "expires_at": None}, ["busy"]),
+        ({"expires_at": None}, ["forever"]),  # keep_alive -1
+        ({"held": True, "expires_at": None, "min": 1}, ["kept", "(replicas.min)"]),
+        ({"expires_at": NOW - 1}, ["now"]),
+    ],
+)
+def test_until_says_when_keep_alive_unloads(changes, until):
+    _, line = render([row(**changes)])
+    assert line[5 : 5 + len(until)] == until
+
+
+def test_a_loading_placement_and_vram_show():
+    _, line = render([row(status="DEPLOYING", replicas=2, vram=1024**3, pinned=True)])
+    assert line[2:4] == ["2", "(deploying)"]
+    assert line[-7:] == ["yes", "4.0", "GiB", "+", "2.0", "GiB", "VRAM"]  # both replicas
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1:11434", "http://127.0.0.1:11434"),
+        ("0.0.0.0:8080", "http://127.0.0.1:8080"),  # listening everywhere: ask locally
+        ("box.lan", "http://box.lan:11434"),
+        ("[::1]:9000", "http://[::1]:9000"),
+    ],
+)
+def test_api_url(host, url):
+    assert api_url(host) == url
