@@ -141,10 +141,13 @@ class Controller:
         """``p``'s load from its replicas' fresh reports, in this controller's clock."""
         reports = self._fresh_reports(app_name_for(*p.key), now)
         in_flight = sum(load.in_flight for _, load in reports)
-        last_use, keep_alive = self._ready_at.get(p.key, now), None
-        for received, load in reports:
-            if load.idle_for is not None and received - load.idle_for >= last_use:
-                last_use, keep_alive = received - load.idle_for, load.keep_alive
+        # A placement just loaded counts as used until the ingress that asked for it has
+        # had time to send the request it loaded for (it routes with what it was told).
+        last_use, keep_alive = self._ready_at.get(p.key, now) + ROUTES_TTL, None
+        ended = [(received - r.idle_for, r) for received, r in reports if r.idle_for is not None]
+        if ended:
+            when, latest = max(ended, key=lambda e: e[0])
+            last_use, keep_alive = max(last_use, when), latest.keep_alive
         if keep_alive is None:
             keep_alive = self._spec_of(p.model).keep_alive
         idle_since = None if in_flight else last_use
@@ -292,7 +295,9 @@ class Controller:
             rows.append(
                 {
                     "in_flight": load.in_flight,
-                    "idle_for": None if load.idle_since is None else now - load.idle_since,
+                    "idle_for": None
+                    if load.idle_since is None
+                    else max(0.0, now - load.idle_since),
                     "keep_alive": None if load.keep_alive == FOREVER else load.keep_alive,
                     "expires_at": None if expires is None else wall + (expires - now),
                     "held": held,
@@ -595,7 +600,7 @@ class Controller:
                     )
                 break
             if apps:
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.05)
         return failed
 
     def _engine_spec(self, p: Placement) -> EngineSpec:
