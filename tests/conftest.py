@@ -36,19 +36,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def simulated_node(fixture: str, role: str) -> dict:
+def simulated_node(fixture: str, role: str, name: str | None = None) -> dict:
     """``Cluster.add_node`` arguments for the box ``fixture`` describes.
 
     Resources and labels come from the same ``plan_offer`` as ``corral node
     start``; the node's probe tasks report the fixture's hardware through
     ``CORRAL_INVENTORY_FILE`` in the raylet's (and so its workers') environment.
     One logical CPU each: the processes all share this machine's cores.
+    ``name`` replaces the node name the fixture's hostname gives.
     """
     from nodes.agent import NodeSettings, plan_offer
     from nodes.hardware import INVENTORY_FILE_ENV, load_inventory
 
     path = NODE_FIXTURES / f"{fixture}.yaml"
-    offer = plan_offer(load_inventory(path), NodeSettings(), role)
+    offer = plan_offer(load_inventory(path), NodeSettings(name=name), role)
     args = {
         "num_cpus": 1,
         "num_gpus": offer.num_gpus,
