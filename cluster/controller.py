@@ -321,7 +321,7 @@ class Controller:
             )
         return rows
 
-    async def ensure(self, model: str, origin: str = "") -> list[Route]:
+    async def ensure(self, model: str) -> list[Route]:
         """The placements serving ``model`` with their load, loading one if it has none.
 
         Concurrent calls for the same cold model wait on one load.
@@ -467,8 +467,8 @@ class Controller:
             one = spec.model_copy(
                 update={"replicas": Replicas(min=max(1, spec.replicas.min), max=spec.replicas.max)}
             )
-            specs = [*(s for s in self._wanted(list(self._declared.values())) if s.name != name)]
-            specs.append(one)
+            others = self._wanted(list(self._declared.values()))
+            specs = [*(s for s in others if s.name != name), one]
             nodes, infos = await self._plan_inputs(specs)
 
             def attempt(victims: Sequence[eviction.Victim]) -> Plan:

@@ -116,7 +116,7 @@ class ServeBackend:
         # the model loads (a cold start), but not forever.
         try:
             routes = await asyncio.wait_for(
-                self._controller().ensure.remote(model, self.origin), self._load_timeout
+                self._controller().ensure.remote(model), self._load_timeout
             )
         except TimeoutError:
             raise ServiceUnavailable(
