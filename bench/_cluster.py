@@ -14,6 +14,7 @@ the cluster and removes the state directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import signal
@@ -161,10 +162,13 @@ def wait_until(check, timeout: float, interval: float = 0.2, what: str = "condit
     return time.monotonic() - started
 
 
-def results_path(out: Path, name: str, json_path: Path | None) -> Path:
-    """Where the JSON results go: ``json_path`` if given, else ``out/<name>-<time>.json``."""
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        return json_path
-    out.mkdir(parents=True, exist_ok=True)
-    return out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+def write_results(out: Path, name: str, json_path: Path | None, results: dict) -> Path:
+    """Write ``results`` as JSON to ``json_path`` if given, else ``out/<name>-<time>.json``,
+    and say where."""
+    if json_path is None:
+        out.mkdir(parents=True, exist_ok=True)
+        json_path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {json_path}")
+    return json_path

@@ -51,7 +51,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import ROOT, SimNode, corral_on, homelab, results_path, wait_until  # noqa: E402
+from _cluster import ROOT, SimNode, corral_on, homelab, wait_until, write_results  # noqa: E402
 
 NODES = [SimNode("minipc-n100-ram16g", "head", "minipc")]
 TARGET_MARGIN = 1.5  # seconds a cold start may add to the bare load
@@ -404,30 +404,27 @@ def report(args: argparse.Namespace, runs: list[Run], setup: dict) -> None:
         f"{ctor + TARGET_MARGIN:.2f}s; vs bare process {process:.2f}s + {TARGET_MARGIN}s = "
         f"{process + TARGET_MARGIN:.2f}s"
     )
-    out = results_path(args.out, "cold_start", args.json)
-    out.write_text(
-        json.dumps(
-            {
-                **setup,
-                "runs": args.runs,
-                "warm_per_run": args.warm,
-                "ctx": args.ctx,
-                "threads": args.threads,
-                "max_tokens": args.max_tokens,
-                "primed": not args.no_prime,
-                "cpu_count": os.cpu_count(),
-                "summary": summary,
-                "runs_detail": [
-                    {**asdict(r), "warm_ttft_s": r.warm_ttft, "cold_ttft_s": r.cold.ttft}
-                    for r in runs
-                ],
-                "targets": targets,
-                "for_information": info,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        "cold_start",
+        args.json,
+        {
+            **setup,
+            "runs": args.runs,
+            "warm_per_run": args.warm,
+            "ctx": args.ctx,
+            "threads": args.threads,
+            "max_tokens": args.max_tokens,
+            "primed": not args.no_prime,
+            "cpu_count": os.cpu_count(),
+            "summary": summary,
+            "runs_detail": [
+                {**asdict(r), "warm_ttft_s": r.warm_ttft, "cold_ttft_s": r.cold.ttft} for r in runs
+            ],
+            "targets": targets,
+            "for_information": info,
+        },
     )
-    print(f"\nwrote {out}")
 
 
 def main() -> None:

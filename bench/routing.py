@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -48,7 +47,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import SimNode, corral_on, homelab, results_path, wait_until  # noqa: E402
+from _cluster import SimNode, corral_on, homelab, wait_until, write_results  # noqa: E402
 
 MODEL = "fakechat:latest"
 NODES = [
@@ -419,31 +418,29 @@ def report(args: argparse.Namespace, phases: list[Phase], started: float) -> Non
         print()
         for name, ok in targets.items():
             print(f"  {'PASS' if ok else 'FAIL'}  {name}")
-    out = results_path(args.out, "routing", args.json)
-    out.write_text(
-        json.dumps(
-            {
-                "model": MODEL,
-                "clients": args.clients,
-                "seconds": args.seconds,
-                "warmup": args.warmup,
-                "rounds": args.rounds,
-                "fast_token_delay": args.fast_delay,
-                "slow_token_delay": args.slow_delay,
-                "reply_tokens": args.reply_tokens,
-                "capacity_req_per_s": capacity(args),
-                "nodes": [asdict(n) for n in NODES],
-                "cpu_count": os.cpu_count(),
-                "wall_s": time.monotonic() - started,
-                "results": rows,
-                "rounds_detail": [{**summarize(p.strategy, [p]), "round": p.round} for p in phases],
-                "least_loaded_vs_round_robin_by_round": by_round,
-                "targets": targets,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out,
+        "routing",
+        args.json,
+        {
+            "model": MODEL,
+            "clients": args.clients,
+            "seconds": args.seconds,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "fast_token_delay": args.fast_delay,
+            "slow_token_delay": args.slow_delay,
+            "reply_tokens": args.reply_tokens,
+            "capacity_req_per_s": capacity(args),
+            "nodes": [asdict(n) for n in NODES],
+            "cpu_count": os.cpu_count(),
+            "wall_s": time.monotonic() - started,
+            "results": rows,
+            "rounds_detail": [{**summarize(p.strategy, [p]), "round": p.round} for p in phases],
+            "least_loaded_vs_round_robin_by_round": by_round,
+            "targets": targets,
+        },
     )
-    print(f"\nwrote {out}")
 
 
 def main() -> None:
