@@ -56,6 +56,47 @@ class ModelBackend(Protocol):
         """Every node of the cluster as the controller sees it (JSON-ready)."""
         ...
 
+    # -- the model library (Ollama's /api/tags, show, pull, create, copy, delete) --
+
+    async def show_model(self, model: str) -> tuple[LocalModel, dict[str, Any]]:
+        """``model`` and its GGUF metadata (scalar keys; arrays as None); ModelNotFound."""
+        ...
+
+    def pull(self, model: str, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Ollama's pull progress objects (``status``, ``digest``, ``total``, ``completed``),
+        ending with ``{"status": "success"}``. Errors raise: before the first object for a bad
+        name, during iteration for a failed download."""
+        ...
+
+    def create_model(self, model: str, recipe: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Create ``model`` from Ollama's /api/create fields (``from``, ``files``,
+        ``template``, ``system``, ``parameters``, ``license``); yields ``{"status": ...}``."""
+        ...
+
+    async def copy_model(self, source: str, destination: str) -> None:
+        """Another name for ``source``'s manifest; ModelNotFound, InvalidRequest."""
+        ...
+
+    async def delete_model(self, model: str) -> None:
+        """Remove ``model``'s name (and blobs no other model uses); ModelNotFound."""
+        ...
+
+    async def load_model(self, model: str) -> None:
+        """Make sure a replica of ``model`` runs (an empty Ollama prompt)."""
+        ...
+
+    async def unload_model(self, model: str) -> bool:
+        """Unload every placement of ``model`` now; False if none ran."""
+        ...
+
+    async def blob_file(self, digest: str) -> str | None:
+        """The path of blob ``digest`` ("sha256:<hex>") on this box, None if absent."""
+        ...
+
+    async def save_blob(self, digest: str, chunks: AsyncIterator[bytes]) -> None:
+        """Store an uploaded blob; InvalidRequest if its bytes do not hash to ``digest``."""
+        ...
+
     async def cluster_placements(self) -> list[dict[str, Any]]:
         """What runs where: every placement with its node, settings and memory (JSON-ready)."""
         ...

@@ -51,6 +51,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     json_mode: bool = False  # constrain the output to a JSON value
     json_schema: dict[str, Any] | None = None  # ... or to JSON matching this schema
+    # Ollama's options.num_ctx: the most tokens (prompt + reply) this request may use.
+    # The replica's context is fixed when it loads, so a larger value changes nothing.
+    num_ctx: int | None = None
+
+    def context(self, n_ctx: int) -> int:
+        """The context window this request may use on a replica with ``n_ctx``."""
+        return n_ctx if self.num_ctx is None else max(1, min(n_ctx, self.num_ctx))
 
 
 @dataclass(frozen=True, slots=True)

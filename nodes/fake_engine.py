@@ -100,7 +100,7 @@ class FakeEngine:
             text = request.prompt or ""
             param = "prompt"
         tokens = [_digest(word) % 50_000 for word in text.split()]
-        check_prompt_fits(len(tokens), self.info.n_ctx, param)
+        check_prompt_fits(len(tokens), request.params.context(self.info.n_ctx), param)
         return tokens
 
     def generate(
@@ -109,7 +109,7 @@ class FakeEngine:
         wanted = self.reply_tokens
         if params.max_tokens is not None:
             wanted = min(wanted, params.max_tokens)
-        limit = max_new_tokens(len(tokens), self.info.n_ctx, wanted)
+        limit = max_new_tokens(len(tokens), params.context(self.info.n_ctx), wanted)
         # A reply that runs to its own length "stopped"; one cut short by
         # max_tokens or by the context window hit the "length" limit.
         reason: FinishReason = "stop" if limit == self.reply_tokens else "length"

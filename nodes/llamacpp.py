@@ -153,14 +153,14 @@ class LlamaCppEngine:
             tokens = self._llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
             param = "prompt"
         grammar_for(request.params)  # refuse a bad schema before the request is queued
-        check_prompt_fits(len(tokens), self.info.n_ctx, param)
+        check_prompt_fits(len(tokens), request.params.context(self.info.n_ctx), param)
         return tokens
 
     def generate(
         self, tokens: list[int], params: SamplingParams, cancel: threading.Event
     ) -> Iterator[GenerationEvent]:
         llm = self._llm
-        limit = max_new_tokens(len(tokens), self.info.n_ctx, params.max_tokens)
+        limit = max_new_tokens(len(tokens), params.context(self.info.n_ctx), params.max_tokens)
         llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
         gbnf = grammar_for(params)
         stops = StopMatcher(params.stop)

