@@ -99,3 +99,13 @@ class Overloaded(CorralError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class PullFailed(CorralError):
+    """A download (from a registry, a URL or the head) failed or brought the wrong bytes.
+
+    The fault is upstream or on the way; the store is left as it was, apart from a
+    partial file that the next pull of the same blob resumes from.
+    """
+
+    kind = "pull_failed"
