@@ -18,6 +18,8 @@ from deployments.backend import ModelBackend
 from deployments.cluster_api import cluster_router
 from deployments.errors import ApiError, classify, openai_body
 from deployments.middleware import AccessLog, CancelOnDisconnect, JsonBodies
+from deployments.ollama.api import ollama_router
+from deployments.ollama.serving import OllamaServing
 from deployments.openai.api import openai_router
 from deployments.openai.serving import OpenAIServing
 from nodes.errors import CorralError
@@ -35,6 +37,7 @@ def build_api(backend: ModelBackend, *, version: str = "dev") -> FastAPI:
         description="Local LLMs on a homelab cluster: OpenAI and Ollama APIs.",
     )
     app.include_router(openai_router(OpenAIServing(backend)))
+    app.include_router(ollama_router(OllamaServing(backend)))
     app.include_router(cluster_router(backend))
 
     @app.get("/", response_class=PlainTextResponse, tags=["Health"])
@@ -55,7 +58,7 @@ def build_api(backend: ModelBackend, *, version: str = "dev") -> FastAPI:
 def error_response(path: str, error: ApiError) -> Response:
     """``error`` in the shape of the API that ``path`` belongs to."""
     if path.startswith("/api/"):
-        body: dict = {"error": error.message}
+        body: dict = error.ollama_body
     else:
         body = openai_body(error)
     return JSONResponse(body, status_code=error.status, headers=error.headers)

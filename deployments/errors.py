@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from nodes.errors import CorralError, ServiceUnavailable
+from nodes.errors import CorralError, ModelNotFound, ServiceUnavailable
 
 log = logging.getLogger("corral.errors")
 
@@ -32,6 +32,12 @@ class ApiError:
     code: str | None = None
     param: str | None = None
     retry_after: float | None = None  # seconds; sent as a Retry-After header
+    ollama_message: str | None = None  # Ollama's own words, where its clients expect them
+
+    @property
+    def ollama_body(self) -> dict[str, Any]:
+        """Ollama's error shape: ``{"error": "..."}``."""
+        return {"error": self.ollama_message or self.message}
 
     @property
     def headers(self) -> dict[str, str] | None:
@@ -46,6 +52,8 @@ _KINDS: dict[str, tuple[int, str, str | None]] = {
     "context_length_exceeded": (400, "invalid_request_error", "context_length_exceeded"),
     "model_not_found": (404, "invalid_request_error", "model_not_found"),
     "model_load_failed": (500, "server_error", "model_load_failed"),
+    # A download from a registry, a URL or the head failed: the fault is upstream.
+    "pull_failed": (502, "server_error", "pull_failed"),
     "unavailable": (503, "server_error", "service_unavailable"),
     # OpenAI's rate-limit shape: its SDKs retry a 429 after Retry-After by themselves.
     "overloaded": (429, "rate_limit_error", "overloaded"),
@@ -71,7 +79,8 @@ def classify(exc: BaseException) -> ApiError:
     if isinstance(exc, CorralError):
         status, type_, code = _KINDS.get(exc.kind, (500, "server_error", exc.kind))
         retry_after = getattr(exc, "retry_after", None)
-        return ApiError(status, exc.message, type_, code, exc.param, retry_after)
+        ollama = f"model '{exc.model}' not found" if isinstance(exc, ModelNotFound) else None
+        return ApiError(status, exc.message, type_, code, exc.param, retry_after, ollama)
     if isinstance(exc, RequestValidationError | ValidationError):
         return _validation_error(exc.errors())
     log.error("unexpected error", exc_info=exc)

@@ -1,0 +1,754 @@
+"""Ollama's API behaviour, free of HTTP: requests in, objects or NDJSON lines out.
+
+``OllamaServing`` turns Ollama requests into engine requests, calls the
+``ModelBackend``, and turns engine events back into Ollama's objects. It
+mirrors ``deployments/openai/serving.py``: streams are opened (the replica has
+admitted the request) before the HTTP response starts, so an error found up
+front (unknown model, prompt too long) is an ordinary HTTP error; an error
+after the first line is one final ``{"error": ...}`` line, after which the
+stream ends.
+
+Sampling follows Ollama's layering: Ollama's defaults, overlaid by the model's
+manifest ``parameters``, overlaid by the request's ``options``. The manifest
+comes from ``backend.list_models()``, kept for ``MODELS_TTL`` seconds so that a
+request does not cost a controller call.
+
+Durations are nanoseconds, as Ollama reports them: ``load_duration`` is the
+time until the replica admitted the request (a cold start included),
+``prompt_eval_duration`` and ``eval_duration`` are the engine's own timings,
+and ``total_duration`` the whole request as the API saw it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from deployments.backend import ModelBackend
+from deployments.errors import classify
+from deployments.ollama import protocol as p
+from deployments.replica import Admitted, Refused, StreamEvent
+from nodes.engine import (
+    ChatMessage,
+    Embeddings,
+    Finished,
+    GenerateRequest,
+    SamplingParams,
+    TextDelta,
+)
+from nodes.errors import InvalidRequest, ModelNotFound
+from nodes.models import LocalModel, ModelDetails, check_name
+
+log = logging.getLogger("corral.ollama")
+
+# The Ollama release whose API Corral speaks: the first with every field Corral
+# reads or writes (/api/embed's ``dimensions`` came last, in 0.11.11). Clients
+# such as editors' Ollama integrations check this to enable features.
+OLLAMA_VERSION = "0.11.11"
+
+MODELS_TTL = 2.0  # seconds a listing of the library serves model lookups
+
+# Ollama's defaults (api/types.go DefaultOptions) for what the engine samples with.
+OLLAMA_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.8,
+    "top_k": 40,
+    "top_p": 0.9,
+    "min_p": 0.0,
+    "repeat_penalty": 1.1,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+# The options Corral honours per request, by the JSON type Ollama gives them.
+_INTEGER, _NUMBER, _STRINGS = "an integer", "a number", "a list of strings"
+_OPTIONS: dict[str, str] = {
+    "num_ctx": _INTEGER,
+    "num_predict": _INTEGER,
+    "seed": _INTEGER,
+    "top_k": _INTEGER,
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "min_p": _NUMBER,
+    "repeat_penalty": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "stop": _STRINGS,
+}
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_GO_MAX_DURATION = 2**63 - 1  # ns: how far in the future Ollama's "forever" lies
+_PARAMETER_COLUMN = 30  # width of the name column in /api/show's parameters
+
+
+@dataclass(slots=True)
+class _Generation:
+    """A generation the replica admitted, and when."""
+
+    stream: AsyncIterator[list[StreamEvent]]
+    started: float  # perf_counter() when the request arrived
+    admitted: float  # ... when the replica took it (after any cold start)
+
+
+# A function building one stream object: (model, text, done, done_reason) -> chunk.
+_Piece = Callable[[str, str, bool, str | None], BaseModel]
+
+
+class OllamaServing:
+    """Ollama's native API over a ``ModelBackend`` (see module docstring)."""
+
+    def __init__(self, backend: ModelBackend) -> None:
+        self._backend = backend
+        self._listing: tuple[float, dict[str, LocalModel]] | None = None
+
+    # -- chat and generate ------------------------------------------------------------
+
+    async def chat(self, req: p.ChatRequest) -> dict[str, Any] | AsyncIterator[str]:
+        started = time.perf_counter()
+        name = model_name(req.model)
+        model = await self._find(req.model, name)
+        if not req.messages:
+            reason = await self._load_or_unload(name, req.keep_alive)
+            return _chat_piece(req.model, "", True, reason).model_dump(exclude_none=True)
+        return await self._run(req, name, chat_to_engine(req, model), _chat_piece, started)
+
+    async def generate(self, req: p.GenerateRequest) -> dict[str, Any] | AsyncIterator[str]:
+        started = time.perf_counter()
+        name = model_name(req.model)
+        model = await self._find(req.model, name)
+        if not req.prompt:
+            reason = await self._load_or_unload(name, req.keep_alive)
+            return _generate_piece(req.model, "", True, reason).model_dump(exclude_none=True)
+        greq = generate_to_engine(req, model)
+        return await self._run(req, name, greq, _generate_piece, started)
+
+    async def _run(
+        self,
+        req: p.GenerationFields,
+        name: str,
+        greq: GenerateRequest,
+        piece: _Piece,
+        started: float,
+    ) -> dict[str, Any] | AsyncIterator[str]:
+        generation = await self._open(name, greq, started)
+        if req.stream:
+            return self._stream(generation, req.model, piece)
+        text, finished = await _gather(generation.stream)
+        return _final(piece(req.model, text, True, finished.reason), finished, generation)
+
+    async def _load_or_unload(self, name: str, keep_alive: float | None) -> str:
+        """An empty prompt: Ollama's way to load a model, or with keep_alive 0 to unload it."""
+        if keep_alive == 0:
+            await self._backend.unload_model(name)
+            return "unload"
+        await self._backend.load_model(name, keep_alive)
+        return "load"
+
+    async def _open(self, name: str, greq: GenerateRequest, started: float) -> _Generation:
+        """Start a generation and wait until the replica admits it.
+
+        Errors up to admission (unknown model, bad prompt, load failure) raise
+        here, before any byte of the response is sent.
+        """
+        stream = self._backend.generate(name, greq)
+        try:
+            first = await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        if first and isinstance(first[0], Admitted):
+            return _Generation(stream, started, time.perf_counter())
+        await stream.aclose()
+        if first and isinstance(first[0], Refused):
+            raise first[0].error
+        raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
+
+    async def _stream(self, gen: _Generation, model: str, piece: _Piece) -> AsyncIterator[str]:
+        try:
+            async for batch in gen.stream:
+                text = "".join(e.text for e in batch if isinstance(e, TextDelta))
+                if text:
+                    yield ndjson(piece(model, text, False, None).model_dump(exclude_none=True))
+                for event in batch:
+                    if isinstance(event, Finished):
+                        yield ndjson(_final(piece(model, "", True, event.reason), event, gen))
+        except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
+            log.warning("stream failed: %s", exc)
+            yield ndjson_error(exc)
+        finally:
+            await gen.stream.aclose()
+
+    # -- embeddings ---------------------------------------------------------------------
+
+    async def embed(self, req: p.EmbedRequest) -> p.EmbedResponse:
+        started = time.perf_counter()
+        _log_ignored(req, req.options, honoured=())  # embeddings sample nothing
+        name = model_name(req.model)
+        texts = embed_inputs(req)
+        if not texts:  # Ollama loads the model and answers no vectors
+            await self._backend.load_model(name, req.keep_alive)
+            vectors, tokens = [], 0
+        else:
+            result = await self._embed(name, texts, req.keep_alive)
+            vectors = [shorten(v, req.dimensions) for v in result.vectors]
+            tokens = result.prompt_tokens
+        return p.EmbedResponse(
+            model=req.model,
+            embeddings=vectors,
+            total_duration=_ns(time.perf_counter() - started),
+            # The backend embeds in one call: a cold start counts in total_duration only.
+            load_duration=0,
+            prompt_eval_count=tokens,
+        )
+
+    async def embeddings(self, req: p.EmbeddingsRequest) -> p.EmbeddingsResponse:
+        _log_ignored(req, req.options, honoured=())
+        name = model_name(req.model)
+        if not req.prompt:
+            await self._backend.load_model(name, req.keep_alive)
+            return p.EmbeddingsResponse(embedding=[])
+        result = await self._embed(name, [req.prompt], req.keep_alive)
+        return p.EmbeddingsResponse(embedding=result.vectors[0])
+
+    async def _embed(self, name: str, texts: list[str], keep_alive: float | None) -> Embeddings:
+        result = await self._backend.embed(name, texts, keep_alive)
+        if isinstance(result, Refused):
+            raise result.error
+        return result
+
+    # -- the library --------------------------------------------------------------------
+
+    async def tags(self) -> p.TagsResponse:
+        models = await self._models(fresh=True)
+        return p.TagsResponse(models=[_listed(m) for m in models.values()])
+
+    async def ps(self) -> p.PsResponse:
+        rows = await self._backend.cluster_placements()
+        models = await self._models()
+        return p.PsResponse(models=running_models(rows, models, time.time_ns()))
+
+    async def show(self, req: p.ShowRequest) -> p.ShowResponse:
+        _log_ignored(req)
+        if req.verbose:
+            log.info("ignoring verbose: the backend gives no long arrays of the GGUF header")
+        model, metadata = await self._backend.show_model(model_name(req.model))
+        return show_response(model, metadata)
+
+    async def pull(self, req: p.PullRequest) -> dict[str, Any] | AsyncIterator[str]:
+        _log_ignored(req)
+        # No name check here: a pull also takes hf.co/..., URLs and GGUF paths; the
+        # backend refuses a bad one before its first progress object.
+        return await self._progress(self._backend.pull(req.model.strip(), req.insecure), req.stream)
+
+    async def create(self, req: p.CreateRequest) -> dict[str, Any] | AsyncIterator[str]:
+        _log_ignored(req)
+        name = model_name(req.model)
+        recipe = create_recipe(req)
+        return await self._progress(self._backend.create_model(name, recipe), req.stream)
+
+    async def delete(self, req: p.ModelRequest) -> None:
+        _log_ignored(req)
+        await self._backend.delete_model(model_name(req.model))
+        self._listing = None
+
+    async def copy(self, req: p.CopyRequest) -> None:
+        _log_ignored(req)
+        source = model_name(req.source, "source")
+        await self._backend.copy_model(source, model_name(req.destination, "destination"))
+        self._listing = None
+
+    def version(self) -> p.VersionResponse:
+        return p.VersionResponse(version=OLLAMA_VERSION)
+
+    # -- blobs (uploads for /api/create; model files for other nodes) -------------------
+
+    async def blob_file(self, digest: str) -> str | None:
+        return await self._backend.blob_file(check_digest(digest))
+
+    async def save_blob(self, digest: str, chunks: AsyncIterator[bytes]) -> None:
+        await self._backend.save_blob(check_digest(digest), chunks)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def _models(self, *, fresh: bool = False) -> dict[str, LocalModel]:
+        """The library by name, listed at most ``MODELS_TTL`` seconds ago unless ``fresh``."""
+        now = time.monotonic()
+        if fresh or self._listing is None or now - self._listing[0] > MODELS_TTL:
+            models = await self._backend.list_models()
+            self._listing = (now, {m.name: m for m in models})
+        return self._listing[1]
+
+    async def _find(self, given: str, name: str) -> LocalModel:
+        """The model ``name``; a listing that lacks it is refreshed once (a fresh pull)."""
+        model = (await self._models()).get(name) or (await self._models(fresh=True)).get(name)
+        if model is None:
+            raise ModelNotFound(given.strip())
+        return model
+
+    async def _progress(
+        self, progress: AsyncIterator[dict[str, Any]], stream: bool
+    ) -> dict[str, Any] | AsyncIterator[str]:
+        """Pull or create progress: NDJSON, or just the last object when not streamed.
+
+        The first object is awaited here, so that a bad name or an unknown model
+        is an HTTP error rather than a line in a stream.
+        """
+        try:
+            first = await anext(progress)
+        except BaseException:
+            await progress.aclose()
+            raise
+        if stream:
+            return self._stream_progress(first, progress)
+        last = first
+        try:
+            async for item in progress:
+                last = item
+        finally:
+            await progress.aclose()
+            self._listing = None
+        return last
+
+    async def _stream_progress(
+        self, first: dict[str, Any], progress: AsyncIterator[dict[str, Any]]
+    ) -> AsyncIterator[str]:
+        try:
+            yield ndjson(first)
+            async for item in progress:
+                yield ndjson(item)
+        except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
+            log.warning("%s failed: %s", first.get("status", "progress"), exc)
+            yield ndjson_error(exc)
+        finally:
+            await progress.aclose()
+            self._listing = None
+
+
+# -- request conversion (pure) --------------------------------------------------------
+
+
+def model_name(name: str, param: str = "model") -> str:
+    """``name`` normalised (``x`` -> ``x:latest``), or 400 saying what a name may hold."""
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=param) from None
+
+
+def check_digest(digest: str) -> str:
+    """A blob digest as Ollama writes it in URLs: ``sha256:<64 hex>``."""
+    if not _DIGEST.match(digest):
+        raise InvalidRequest(
+            f"{digest!r} is not a blob digest: write sha256: and 64 lowercase hex digits.",
+            param="digest",
+        )
+    return digest
+
+
+def chat_to_engine(req: p.ChatRequest, model: LocalModel) -> GenerateRequest:
+    """An Ollama chat as an engine request; the model's system prompt unless one is given."""
+    _log_ignored(req, req.options)
+    _refuse_common(req)
+    if req.tools:
+        raise InvalidRequest("Tool calling is not supported by Corral yet.", param="tools")
+    messages = tuple(_chat_message(i, m) for i, m in enumerate(req.messages))
+    if model.system and not any(m.role == "system" for m in messages):
+        messages = (ChatMessage("system", model.system), *messages)
+    params = sampling_params(req.options, model.parameters, req.format)
+    return GenerateRequest(messages=messages, params=params, keep_alive=req.keep_alive)
+
+
+def generate_to_engine(req: p.GenerateRequest, model: LocalModel) -> GenerateRequest:
+    """An Ollama generate as an engine request: the prompt is the user's turn of a chat
+    (after ``system``, else the model's system prompt), or the whole prompt when ``raw``."""
+    _log_ignored(req, req.options)
+    _refuse_common(req)
+    if req.images:
+        raise InvalidRequest(
+            "This model takes text only; image inputs are not supported.", param="images"
+        )
+    if req.suffix:
+        raise InvalidRequest("Fill-in-the-middle (suffix) is not supported.", param="suffix")
+    if req.template:
+        raise InvalidRequest(
+            "A per-request template is not supported: Corral prompts with the model's own "
+            "chat template. Format the prompt yourself and send raw: true instead.",
+            param="template",
+        )
+    if req.context:
+        raise InvalidRequest(
+            "context (the deprecated token memory of /api/generate) is not supported; send "
+            "the conversation as messages to /api/chat instead.",
+            param="context",
+        )
+    params = sampling_params(req.options, model.parameters, req.format)
+    if req.raw:
+        return GenerateRequest(prompt=req.prompt, params=params, keep_alive=req.keep_alive)
+    system = req.system or model.system
+    turns = (ChatMessage("system", system),) if system else ()
+    messages = (*turns, ChatMessage("user", req.prompt))
+    return GenerateRequest(messages=messages, params=params, keep_alive=req.keep_alive)
+
+
+def sampling_params(
+    options: Mapping[str, Any] | None, parameters: Mapping[str, Any], fmt: Any = None
+) -> SamplingParams:
+    """Ollama's defaults, overlaid by the model's ``parameters``, overlaid by ``options``.
+
+    Options Corral cannot set per request (num_gpu, num_thread, mirostat, ...)
+    are ignored, as Ollama ignores options it does not know; a wrong type is a 400.
+    """
+    merged = {**OLLAMA_DEFAULTS, **parameters, **(options or {})}
+    values = {k: _option(k, v) for k, v in merged.items() if k in _OPTIONS and v is not None}
+    num_predict = values.pop("num_predict", None)
+    if values.get("seed", 0) < 0:  # Ollama's -1: a random seed
+        del values["seed"]
+    json_mode, json_schema = output_format(fmt)
+    return SamplingParams(
+        # -1 (no limit) and -2 (fill the context) both run to the context's end
+        max_tokens=None if num_predict is None or num_predict < 0 else num_predict,
+        stop=tuple(values.pop("stop", ())),
+        json_mode=json_mode,
+        json_schema=json_schema,
+        **values,
+    )
+
+
+def output_format(fmt: Any) -> tuple[bool, dict[str, Any] | None]:
+    """Ollama's ``format``: "json" (any JSON value) or a JSON schema object."""
+    if fmt is None or fmt == "":
+        return False, None
+    if fmt == "json":
+        return True, None
+    if isinstance(fmt, dict):
+        return False, fmt
+    raise InvalidRequest(
+        f'format must be "json" or a JSON schema object, not {json.dumps(fmt)}.', param="format"
+    )
+
+
+def embed_inputs(req: p.EmbedRequest) -> list[str]:
+    """The texts to embed: none for an empty input (a load), refusing empty list items."""
+    if isinstance(req.input, str):
+        return [req.input] if req.input else []
+    for i, text in enumerate(req.input):
+        if not text:
+            raise InvalidRequest("input must not contain empty strings.", param=f"input.{i}")
+    return req.input
+
+
+def shorten(vector: list[float], dimensions: int | None) -> list[float]:
+    """Ollama's ``dimensions``: the first ``dimensions`` values, normalised again."""
+    if dimensions is None or dimensions >= len(vector):
+        return vector
+    head = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in head)) or 1.0
+    return [x / norm for x in head]
+
+
+def create_recipe(req: p.CreateRequest) -> dict[str, Any]:
+    """What ``backend.create_model`` takes from an /api/create request, checked."""
+    if req.modelfile:
+        raise InvalidRequest(
+            "Corral takes /api/create as Ollama 0.5 and later send it (from, files, template, "
+            "system, parameters, license), not a modelfile; update the client.",
+            param="modelfile",
+        )
+    refused = {
+        "quantize": "Quantizing is not supported: pull or upload a quantized GGUF.",
+        "adapters": "LoRA adapters are not supported.",
+        "messages": "Models with stored messages are not supported.",
+    }
+    for field, message in refused.items():
+        if getattr(req, field):
+            raise InvalidRequest(message, param=field)
+    if req.parameters:
+        sampling_params(req.parameters, {})  # a wrong type would break every request later
+    recipe = {
+        "from": req.from_,
+        "files": req.files,
+        "template": req.template,
+        "system": req.system,
+        "parameters": req.parameters,
+        "license": req.license,
+    }
+    return {k: v for k, v in recipe.items() if v}
+
+
+def _refuse_common(req: p.GenerationFields) -> None:
+    if req.logprobs:
+        raise InvalidRequest("logprobs are not supported.", param="logprobs")
+    if req.think:
+        log.info("ignoring think=%r: Corral does not separate thinking from the answer", req.think)
+
+
+def _chat_message(index: int, msg: p.Message) -> ChatMessage:
+    if msg.images:
+        raise InvalidRequest(
+            "This model takes text only; image inputs are not supported.",
+            param=f"messages.{index}.images",
+        )
+    if msg.tool_calls:
+        raise InvalidRequest(
+            "Tool calling is not supported by Corral yet.", param=f"messages.{index}.tool_calls"
+        )
+    return ChatMessage(role=msg.role, content=msg.content)
+
+
+def _option(key: str, value: Any) -> Any:
+    """An option's value, typed as Ollama types it (a JSON number may be 3 or 3.0)."""
+    kind = _OPTIONS[key]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == _INTEGER and number and math.isfinite(value):
+        return int(value)
+    if kind == _NUMBER and number:
+        return float(value)
+    if kind == _STRINGS and isinstance(value, str):
+        return [value]
+    if kind == _STRINGS and isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise InvalidRequest(f"option {key!r} must be {kind}.", param=f"options.{key}")
+
+
+def _log_ignored(
+    req: p.OllamaRequest,
+    options: Mapping[str, Any] | None = None,
+    honoured: Collection[str] = _OPTIONS.keys(),
+) -> None:
+    if ignored := req.ignored_fields():
+        log.info("ignoring fields Corral does not support: %s", ", ".join(ignored))
+    if unused := sorted(set(options or {}).difference(honoured)):
+        log.info("ignoring options Corral cannot set per request: %s", ", ".join(unused))
+
+
+# -- response building ------------------------------------------------------------------
+
+
+def _chat_piece(model: str, text: str, done: bool, reason: str | None) -> p.ChatChunk:
+    return p.ChatChunk(
+        model=model,
+        created_at=rfc3339(time.time_ns()),
+        message=p.AssistantMessage(content=text),
+        done=done,
+        done_reason=reason,
+    )
+
+
+def _generate_piece(model: str, text: str, done: bool, reason: str | None) -> p.GenerateChunk:
+    return p.GenerateChunk(
+        model=model,
+        created_at=rfc3339(time.time_ns()),
+        response=text,
+        done=done,
+        done_reason=reason,
+    )
+
+
+def _final(last: BaseModel, finished: Finished, gen: _Generation) -> dict[str, Any]:
+    """The ``done`` object: the last piece with the generation's counts and durations."""
+    metrics = metrics_of(finished, gen.started, gen.admitted, time.perf_counter())
+    return {**last.model_dump(exclude_none=True), **metrics.model_dump()}
+
+
+def metrics_of(finished: Finished, started: float, admitted: float, ended: float) -> p.Metrics:
+    """Ollama's counts and nanosecond durations of one generation.
+
+    The engine's phases happen between admission and the end, so the whole
+    request is at least their sum; the ``max`` keeps that true when the engine
+    ran in another process whose clock ticks apart from ours.
+    """
+    t, usage = finished.timings, finished.usage
+    load, queued = _ns(admitted - started), _ns(t.queued)
+    prompt, generation = _ns(t.prompt), _ns(t.generation)
+    return p.Metrics(
+        total_duration=max(_ns(ended - started), load + queued + prompt + generation),
+        load_duration=load,
+        prompt_eval_count=usage.prompt_tokens,
+        prompt_eval_duration=prompt,
+        eval_count=usage.completion_tokens,
+        eval_duration=generation,
+    )
+
+
+async def _gather(stream: AsyncIterator[list[StreamEvent]]) -> tuple[str, Finished]:
+    parts: list[str] = []
+    finished: Finished | None = None
+    try:
+        async for batch in stream:
+            for event in batch:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                elif isinstance(event, Finished):
+                    finished = event
+    finally:
+        await stream.aclose()
+    if finished is None:
+        raise RuntimeError("the replica's stream ended without a Finished event")
+    return "".join(parts), finished
+
+
+def details(d: ModelDetails) -> p.Details:
+    return p.Details(
+        parent_model=d.parent_model,
+        format=d.format,
+        family=d.family,
+        families=list(d.families),
+        parameter_size=d.parameter_size,
+        quantization_level=d.quantization_level,
+    )
+
+
+def _listed(m: LocalModel) -> p.ListedModel:
+    return p.ListedModel(
+        name=m.name,
+        model=m.name,
+        modified_at=rfc3339(int(m.modified_at * 1e9)),
+        size=m.size,
+        digest=m.digest,
+        details=details(m.details),
+    )
+
+
+def running_models(
+    rows: list[dict[str, Any]], models: Mapping[str, LocalModel], now_ns: int
+) -> list[p.RunningModel]:
+    """/api/ps: one entry per model, summed over its placements (``cluster_placements``).
+
+    Sizes count every replica; the model expires when its last placement does
+    (never, shown as Ollama shows it: the far future, if any placement stays).
+    """
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row)
+    running = []
+    for name, placed in by_model.items():
+        model = models.get(name)
+        expiries = [r.get("expires_at") for r in placed]
+        forever = now_ns + _GO_MAX_DURATION
+        expires = forever if None in expiries else int(max(expiries) * 1e9)
+        running.append(
+            p.RunningModel(
+                name=name,
+                model=name,
+                size=sum((r["ram"] + r["vram"]) * r["replicas"] for r in placed),
+                digest=model.digest if model else "",
+                details=details(model.details if model else ModelDetails()),
+                expires_at=rfc3339(expires),
+                size_vram=sum(r["vram"] * r["replicas"] for r in placed),
+                context_length=max(r["context"] for r in placed),
+                placements=[
+                    p.Placement(node=r["node"], replicas=r["replicas"], status=r["status"])
+                    for r in placed
+                ],
+            )
+        )
+    return running
+
+
+def show_response(model: LocalModel, metadata: Mapping[str, Any]) -> p.ShowResponse:
+    """/api/show: the manifest's facts, the Modelfile they make, and the GGUF header.
+
+    ``template`` is the manifest's, else the GGUF's own chat template (the one
+    Corral prompts with); arrays the header holds too long to show are ``[]``,
+    as Ollama shows them unless asked to be verbose.
+    """
+    capabilities = ["completion"]
+    if any(key.endswith(".pooling_type") for key in metadata):
+        capabilities.append("embedding")
+    return p.ShowResponse(
+        license=model.license,
+        modelfile=modelfile(model),
+        parameters=parameters_text(model.parameters) or None,
+        template=model.template or metadata.get("tokenizer.chat_template"),
+        system=model.system,
+        details=details(model.details),
+        model_info={k: [] if v is None else v for k, v in metadata.items()},
+        capabilities=capabilities,
+        modified_at=rfc3339(int(model.modified_at * 1e9)),
+    )
+
+
+def modelfile(model: LocalModel) -> str:
+    """The Modelfile ``ollama show --modelfile`` prints for ``model``."""
+    lines = [
+        '# Modelfile generated by "ollama show"',
+        "# To build a new Modelfile based on this, replace FROM with:",
+        f"# FROM {model.name}",
+        "",
+        f"FROM {model.path}",
+    ]
+    if model.template:
+        lines.append(f"TEMPLATE {_quote(model.template)}")
+    if model.system:
+        lines.append(f"SYSTEM {_quote(model.system)}")
+    for key, value in _parameter_items(model.parameters):
+        lines.append(f"PARAMETER {key} {_quote(_go_text(value))}")
+    if model.license:
+        lines.append(f"LICENSE {_quote(model.license)}")
+    return "\n".join(lines) + "\n"
+
+
+def parameters_text(parameters: Mapping[str, Any]) -> str:
+    """Ollama's text form of a model's parameters: a padded name and a Go value per line."""
+    return "\n".join(
+        f"{key:<{_PARAMETER_COLUMN}} {_go_literal(value)}"
+        for key, value in _parameter_items(parameters)
+    )
+
+
+def _parameter_items(parameters: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """(name, value) pairs sorted by name, one per item of a list (``stop``)."""
+    items = []
+    for key in sorted(parameters):
+        value = parameters[key]
+        items.extend((key, v) for v in (value if isinstance(value, list) else [value]))
+    return items
+
+
+def _go_text(value: Any) -> str:
+    """A value as Go prints it: true, 1, 0.7 (never 1.0)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _go_literal(value: Any) -> str:
+    """A value as Go's %#v prints it: strings quoted, numbers and booleans bare."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else _go_text(value)
+
+
+def _quote(text: str) -> str:
+    """Quote a Modelfile argument as Ollama does: only when it has a newline or edge spaces."""
+    if "\n" in text or text.startswith(" ") or text.endswith(" "):
+        return f'"""{text}"""' if '"' in text else f'"{text}"'
+    return text
+
+
+def rfc3339(ns: int) -> str:
+    """A UTC time with nanoseconds as Go's RFC3339Nano writes it: trailing zeros trimmed."""
+    seconds, fraction = divmod(ns, 10**9)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    digits = f"{fraction:09d}".rstrip("0")
+    return f"{stamp}.{digits}Z" if digits else f"{stamp}Z"
+
+
+def _ns(seconds: float) -> int:
+    return max(0, round(seconds * 1e9))
+
+
+def ndjson(obj: Mapping[str, Any]) -> str:
+    """One line of an Ollama stream."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def ndjson_error(exc: BaseException) -> str:
+    """A failure after the stream began: one last line in Ollama's error shape."""
+    return ndjson(classify(exc).ollama_body)
