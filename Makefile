@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration bench lint clean
+.PHONY: run test unit integration bench lint clean registry
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Corral needs Python 3.11 or newer"'
@@ -20,13 +20,20 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/corral serve --config configs/corral.yaml
 
-test: $(STAMP)
+test: $(STAMP) registry
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The pull tests run Debian's OCI registry (docker-registry); install it if root may.
+registry:
+	@command -v docker-registry >/dev/null || test "$$(id -u)" != 0 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry)
+	@command -v docker-registry >/dev/null || \
+		echo "note: docker-registry is missing (apt-get install docker-registry); its pull tests will skip"
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP)
+integration: $(STAMP) registry
 	$(BIN)/python -m pytest tests/integration tests/compat $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -25,9 +25,10 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import ray
 from ray import serve
@@ -35,6 +36,7 @@ from ray import serve
 from cluster import eviction
 from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
 from cluster.inventory import InventoryMonitor, NodeStatus
+from cluster.library import Library
 from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, Replicas
@@ -53,7 +55,7 @@ from nodes.engine import EngineSpec
 from nodes.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ServiceUnavailable
 from nodes.gguf import GgufInfo, read_gguf
 from nodes.logs import setup_logging
-from nodes.models import LocalModel, builtin_models, normalize_name
+from nodes.models import LocalModel, normalize_name
 
 log = logging.getLogger("corral.controller")
 
@@ -99,15 +101,17 @@ class Controller:
     def __init__(self, settings: CorralSettings) -> None:
         setup_logging(settings.log_level)
         self._settings = settings
-        self._builtin = builtin_models()
-        self._catalog: dict[str, LocalModel] = dict(self._builtin)
+        self._library = Library(settings.models_path)
         self._declared: dict[str, ModelSpec] = {}  # the last applied models file
+        self._files: dict[str, LocalModel] = {}  # the model file of each declared model
         self._on_demand: set[str] = set()  # models loaded by a request, not declared
         self._placements: dict[tuple[str, str], Placement] = {}  # what runs
         self._ready_at: dict[tuple[str, str], float] = {}  # when each began to run
         # app -> replica -> (when received, what it said): what replicas report
         self._reports: dict[str, dict[str, tuple[float, ReplicaLoad]]] = {}
         self._timers: dict[str, Timers] = {}  # the autoscaler's, by model
+        # model -> (when, keep_alive): loads asked without a request (Ollama's empty prompt)
+        self._touched: dict[str, tuple[float, float | None]] = {}
         self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._changing = asyncio.Lock()  # one change of placements at a time
@@ -144,10 +148,16 @@ class Controller:
         # A placement just loaded counts as used until the ingress that asked for it has
         # had time to send the request it loaded for (it routes with what it was told).
         last_use, keep_alive = self._ready_at.get(p.key, now) + ROUTES_TTL, None
-        ended = [(received - r.idle_for, r) for received, r in reports if r.idle_for is not None]
+        ended = [
+            (received - r.idle_for, r.keep_alive)
+            for received, r in reports
+            if r.idle_for is not None
+        ]
+        if p.model in self._touched:
+            ended.append(self._touched[p.model])
         if ended:
-            when, latest = max(ended, key=lambda e: e[0])
-            last_use, keep_alive = max(last_use, when), latest.keep_alive
+            when, keep_alive = max(ended, key=lambda e: e[0])
+            last_use = max(last_use, when)
         if keep_alive is None:
             keep_alive = self._spec_of(p.model).keep_alive
         idle_since = None if in_flight else last_use
@@ -216,9 +226,12 @@ class Controller:
             if _label(c.placement) not in failed:
                 self._event("scale_up", d.model, c.placement.node, d.reason)
 
-    async def _unload(self, cuts: Sequence[tuple[Placement, int]], reason: str) -> list[Placement]:
+    async def _unload(
+        self, cuts: Sequence[tuple[Placement, int]], reason: str, *, asked: bool = False
+    ) -> list[Placement]:
         """Take ``n`` replicas off each placement that is still idle once no ingress routes to
-        it any more; returns the placements it cut. A placement cut to zero is deleted."""
+        it any more; returns the placements it cut. A placement cut to zero is deleted.
+        ``asked``: a client asked for it, so only requests in flight keep a placement."""
         decided = time.monotonic()
         whole = [p for p, n in cuts if n >= p.replicas]
         for p in whole:  # out of the routes first
@@ -228,7 +241,7 @@ class Controller:
         done = []
         for p, n in cuts:
             load = self._load_of(p, time.monotonic())
-            used = load.in_flight or (load.idle_since or 0) > decided
+            used = load.in_flight or (not asked and (load.idle_since or 0) > decided)
             if p in whole and used:  # a request came meanwhile: it stays
                 self._placements[p.key] = p
                 log.info("kept %s on %s: it got a request while being unloaded", *p.key)
@@ -247,6 +260,8 @@ class Controller:
     def _forget(self, key: tuple[str, str]) -> None:
         self._ready_at.pop(key, None)
         self._reports.pop(app_name_for(*key), None)
+        if not any(model == key[0] for model, _ in self._placements):
+            self._touched.pop(key[0], None)
 
     def _event(self, kind: str, model: str, node: str, reason: str) -> None:
         """Record (and log) a cold start, eviction, scale or unload with its reason."""
@@ -273,7 +288,63 @@ class Controller:
         return [s.model_dump() for s in self._inventory.snapshot(by_node)]
 
     async def list_models(self) -> list[LocalModel]:
-        return sorted(self._catalog.values(), key=lambda m: m.name)
+        return await asyncio.to_thread(self._library.models)
+
+    # -- the model library (cluster/library.py) ---------------------------------
+
+    async def show_model(self, model: str) -> tuple[LocalModel, dict[str, Any]]:
+        return await asyncio.to_thread(self._library.show, model)
+
+    async def pull(self, model: str, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Pull progress, streamed to the caller (a Ray generator)."""
+        async for progress in self._library.pull(model, insecure):
+            yield progress
+
+    async def create_model(
+        self, model: str, recipe: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        async for progress in self._library.create(model, recipe):
+            yield progress
+
+    async def copy_model(self, source: str, destination: str) -> None:
+        await asyncio.to_thread(self._library.copy, source, destination)
+
+    async def delete_model(self, model: str) -> None:
+        """Delete ``model``: refused while models.yaml declares it; its placements go first."""
+        name = self._library.get(model).name
+        if name in self._declared:
+            raise InvalidRequest(
+                f"{name} is declared in the applied models file; take it out of the file and "
+                f"apply it before deleting the model."
+            )
+        await self.unload_model(name)
+        await asyncio.to_thread(self._library.delete, name)
+
+    async def load_model(self, model: str, keep_alive: float | None = None) -> None:
+        """Make sure ``model`` runs (Ollama's empty prompt); counts as a use of it that asks
+        for ``keep_alive`` (None: the model's own)."""
+        await self.ensure(model)
+        self._touched[normalize_name(model)] = (time.monotonic(), keep_alive)
+
+    async def unload_model(self, model: str) -> bool:
+        """Unload ``model``'s placements now, down to the replicas models.yaml keeps
+        (Ollama's ``keep_alive: 0`` with no prompt); False if none was loaded."""
+        name = normalize_name(model)
+        async with self._changing:
+            mine = [p for p in self._placements.values() if p.model == name]
+            keep = self._spec_of(name).replicas.min if name in self._declared else 0
+            cuts, total = [], sum(p.replicas for p in mine)
+            for p in sorted(mine, key=lambda p: p.replicas):
+                n = min(p.replicas, total - keep)
+                if n > 0:
+                    cuts.append((p, n))
+                    total -= n
+            gone = await self._unload(cuts, "asked to unload", asked=True) if cuts else []
+        for p in gone:
+            self._event("unload", p.model, p.node, "asked to unload (keep_alive 0)")
+        if name not in self._declared and not self._apps_of(name):
+            self._on_demand.discard(name)
+        return bool(gone)
 
     async def placements(self) -> list[dict]:
         """What runs where, with the Serve status and the load of each placement (JSON-ready).
@@ -327,9 +398,8 @@ class Controller:
         Concurrent calls for the same cold model wait on one load.
         """
         name = normalize_name(model)
-        if name not in self._catalog:
-            raise ModelNotFound(model)
         if not self._apps_of(name):
+            await asyncio.to_thread(self._model_file, name)  # ModelNotFound
             task = self._loading.get(name)
             if task is None:
                 task = asyncio.create_task(self._cold_start(name))
@@ -364,7 +434,7 @@ class Controller:
             report = await self._plan(self._wanted(specs), models)
             self._declared = {s.name: s for s in specs}
             self._on_demand -= set(self._declared)
-            self._catalog = {**self._builtin, **{m.name: m for m in models.values()}}
+            self._files = dict(models)
             failed = await self._execute(report.changes)
         for change in report.changes:
             key = _label(change.placement)
@@ -398,19 +468,23 @@ class Controller:
 
     def _resolve(self, spec: ModelSpec) -> LocalModel:
         source = spec.source or spec.name
-        known = self._catalog.get(normalize_name(source)) if not source.endswith(".gguf") else None
-        if known is not None:
-            return LocalModel(spec.name, known.path, known.size, known.modified_at)
-        path = Path(source)
-        if source.endswith(".gguf") and path.is_file():
-            return LocalModel.from_file(spec.name, path)
         if source.endswith(".gguf"):
-            raise InvalidRequest(f"source {source} is not a file on the head node")
-        have = ", ".join(sorted(self._catalog))
-        raise InvalidRequest(
-            f"source '{source}' is not a model Corral has (Corral has: {have}); "
-            f"give the path of a .gguf file on the head node as source"
-        )
+            path = Path(source).expanduser()
+            if not path.is_file():
+                raise InvalidRequest(f"source {source} is not a file on the head node")
+            return replace(LocalModel.from_file(spec.name, path), name=spec.name)
+        try:
+            return replace(self._library.get(source), name=spec.name)
+        except ModelNotFound:
+            have = ", ".join(m.name for m in self._library.models())
+            raise InvalidRequest(
+                f"source '{source}' is not a model Corral has (it has: {have}); pull it first "
+                f"(corral pull {source}) or give the path of a .gguf file on the head node"
+            ) from None
+
+    def _model_file(self, name: str) -> LocalModel:
+        """The file ``name`` runs: the declared source, else the library's model."""
+        return self._files.get(name) or self._library.get(name)
 
     async def _plan(
         self, specs: list[ModelSpec], models: dict[str, LocalModel] | None = None
@@ -429,8 +503,8 @@ class Controller:
         self, specs: list[ModelSpec], models: dict[str, LocalModel] | None = None
     ) -> tuple[list[PlanNode], dict[str, GgufInfo]]:
         """The nodes and the GGUF facts of each spec's model, for ``_plan_with``."""
-        files = {**self._catalog, **(models or {})}
-        paths = {s.name: files[s.name].path for s in specs}
+        given = models or {}
+        paths = {s.name: (given.get(s.name) or self._model_file(s.name)).path for s in specs}
         infos = {name: await asyncio.to_thread(read_gguf, path) for name, path in paths.items()}
         return await self._plan_nodes(), infos
 
@@ -613,7 +687,16 @@ class Controller:
             n_gpu_layers=p.gpu_layers,
             engine=spec.engine,
             options=dict(spec.engine_options),
+            digest=self._model_file(p.model).model_digest,
+            fetch_from=self._head_url(),
         )
+
+    def _head_url(self) -> str:
+        """Where other nodes reach this head's API (for ``/api/blobs``)."""
+        host, port = self._settings.listen
+        if host in ("0.0.0.0", "::", ""):
+            host = ray.util.get_node_ip_address()
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def _replica_options(self) -> ReplicaOptions:
         s = self._settings

@@ -98,6 +98,7 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
             log_level=settings.log_level,
             routing=settings.routing,
             load_timeout=settings.load_timeout,
+            models=str(settings.models_path),
         )
         serve.run(ingress_app(config, node_labels=here), name=INGRESS_APP, route_prefix=None)
         _wait_until_answering(running.url, timeout=60)

@@ -40,7 +40,13 @@ class CorralSettings(BaseSettings):
     )
     state_dir: Path = Field(
         default=Path("~/.corral"),
-        description="Where Corral keeps its state (Ray token, later keys and models).",
+        description="Where Corral keeps its state: the Ray token, the models (unless `models` "
+        "says otherwise), later API keys.",
+    )
+    models: Path | None = Field(
+        default=None,
+        description="Where models are stored, in Ollama's layout (blobs/, manifests/); "
+        "point it at ~/.ollama/models to serve what Ollama pulled. Unset: STATE_DIR/models.",
     )
     num_ctx: int = Field(
         default=4096,
@@ -112,6 +118,11 @@ class CorralSettings(BaseSettings):
     @property
     def state_path(self) -> Path:
         return self.state_dir.expanduser()
+
+    @property
+    def models_path(self) -> Path:
+        """The model store's root (``models``, else ``STATE_DIR/models``)."""
+        return (self.models or self.state_dir / "models").expanduser()
 
 
 def parse_host(value: str) -> tuple[str, int]:

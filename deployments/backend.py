@@ -22,8 +22,9 @@ from ray.serve.handle import DeploymentHandle
 from deployments.replica import REPLICA_DEPLOYMENT, Refused, StreamEvent
 from deployments.routing import Route, Router, Strategy, merge_load, retry_after
 from nodes.engine import Embeddings, GenerateRequest
-from nodes.errors import Overloaded, ServiceUnavailable
-from nodes.models import LocalModel
+from nodes.errors import InvalidRequest, Overloaded, ServiceUnavailable
+from nodes.models import LocalModel, normalize_name
+from nodes.store import Store
 
 # The controller actor (cluster/controller.py) registers under this name; the
 # ingress finds it by name so that deployments/ never imports cluster/.
@@ -81,8 +82,9 @@ class ModelBackend(Protocol):
         """Remove ``model``'s name (and blobs no other model uses); ModelNotFound."""
         ...
 
-    async def load_model(self, model: str) -> None:
-        """Make sure a replica of ``model`` runs (an empty Ollama prompt)."""
+    async def load_model(self, model: str, keep_alive: float | None = None) -> None:
+        """Make sure a replica of ``model`` runs (an empty Ollama prompt), kept loaded for
+        ``keep_alive`` seconds from now (None: the model's own setting)."""
         ...
 
     async def unload_model(self, model: str) -> bool:
@@ -119,12 +121,14 @@ class ServeBackend:
         *,
         routing: Strategy = "least_loaded",
         load_timeout: float = 600.0,
+        store: Store | None = None,
     ) -> None:
         self._controller_name = controller
         self._namespace = namespace
         self._controller_handle: ActorHandle | None = None
         self._router = Router(routing)
         self._load_timeout = load_timeout
+        self._store = store  # the head's model store (this ingress runs on the head)
         self.origin = f"ingress-{uuid.uuid4().hex[:12]}"  # how replicas tell us apart
         # model -> (when the controller was last asked, its placements)
         self._routes: dict[str, tuple[float, list[Route]]] = {}
@@ -238,6 +242,47 @@ class ServeBackend:
 
     async def cluster_placements(self) -> list[dict[str, Any]]:
         return await self._controller().placements.remote()
+
+    # -- the model library: the controller keeps it; blobs are read and written here, on
+    # the head's disk, so that large files never travel through Ray's object store.
+
+    async def show_model(self, model: str) -> tuple[LocalModel, dict[str, Any]]:
+        return await self._controller().show_model.remote(model)
+
+    async def pull(self, model: str, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
+        async for ref in self._controller().pull.remote(model, insecure):
+            yield await ref
+
+    async def create_model(
+        self, model: str, recipe: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        async for ref in self._controller().create_model.remote(model, recipe):
+            yield await ref
+
+    async def copy_model(self, source: str, destination: str) -> None:
+        await self._controller().copy_model.remote(source, destination)
+
+    async def delete_model(self, model: str) -> None:
+        self._routes.pop(normalize_name(model), None)
+        await self._controller().delete_model.remote(model)
+
+    async def load_model(self, model: str, keep_alive: float | None = None) -> None:
+        await self._controller().load_model.remote(model, keep_alive)
+
+    async def unload_model(self, model: str) -> bool:
+        self._routes.pop(normalize_name(model), None)
+        return await self._controller().unload_model.remote(model)
+
+    async def blob_file(self, digest: str) -> str | None:
+        if self._store is None:
+            return None
+        path = self._store.blob_path(digest)
+        return str(path) if await asyncio.to_thread(path.is_file) else None
+
+    async def save_blob(self, digest: str, chunks: AsyncIterator[bytes]) -> None:
+        if self._store is None:
+            raise InvalidRequest("This Corral has no model store to upload to.")
+        await self._store.save_stream(digest, chunks)
 
 
 def _handle(app: str) -> DeploymentHandle:

@@ -27,6 +27,7 @@ from deployments.api import build_api
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ServeBackend
 from deployments.routing import Strategy
 from nodes.logs import setup_logging
+from nodes.store import Store
 
 log = logging.getLogger("corral.ingress")
 
@@ -43,6 +44,7 @@ class IngressConfig:
     namespace: str = NAMESPACE
     routing: Strategy = "least_loaded"
     load_timeout: float = 600.0  # seconds a request waits for its model to load
+    models: str = ""  # the model store's root on this box (the head): blobs up and down
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -75,6 +77,7 @@ class Ingress:
             config.namespace,
             routing=config.routing,
             load_timeout=config.load_timeout,
+            store=Store(config.models) if config.models else None,
         )
         app = build_api(backend, version=config.version)
         self._server = _EmbeddedServer(

@@ -46,6 +46,7 @@ from nodes.engine import (
     load_engine,
 )
 from nodes.errors import CorralError
+from nodes.locate import locate
 from nodes.logs import setup_logging
 
 log = logging.getLogger("corral.replica")
@@ -309,6 +310,7 @@ class ServedReplica(ModelReplica):
 
     async def __init__(self, spec: EngineSpec, options: ReplicaOptions) -> None:
         setup_logging(options.log_level)
+        spec = await locate(spec)  # on another node than the head: its own copy, or fetch one
         executor = engine_executor()
         # Loading can take minutes for a big model; keep the replica's event loop
         # (health checks, Serve's control calls) responsive meanwhile.

@@ -142,6 +142,10 @@ class EngineSpec:
     n_gpu_layers: int = 0
     engine: Literal["llama.cpp", "fake"] = "llama.cpp"
     options: dict[str, Any] = field(default_factory=dict)  # engine-specific extras
+    # Where a node without ``path`` gets the file (``nodes/locate.py``): the blob's
+    # digest ("sha256:<hex>") and the head's API ("http://10.0.0.2:11434"); "" for none.
+    digest: str = ""
+    fetch_from: str = ""
 
 
 class Engine(Protocol):

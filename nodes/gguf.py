@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nodes.errors import ModelLoadFailed
 
@@ -109,6 +110,9 @@ class GgufInfo:
     # llama.cpp copies them to the GPU when the head is offloaded.
     tied_head_bytes: int
     embedding_model: bool  # declares a pooling type: made for embeddings
+    # Every key of the header (Ollama's /api/show model_info); long arrays such as the
+    # vocabulary are None, as Ollama shows them unless asked to be verbose.
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def weights_bytes(self) -> int:
@@ -184,28 +188,28 @@ def _parse(path: str, size: int) -> GgufInfo:
 
     reader = gguf.GGUFReader(path)
 
-    def field(key: str, default=None):
+    def value(key: str, default=None):
         f = reader.fields.get(key)
         if f is None:
             return default
         return f.contents()
 
-    arch = field("general.architecture")
+    arch = value("general.architecture")
     if not arch:
         raise ModelLoadFailed(f"The model file {path} does not name its architecture.")
-    n_layers = int(field(f"{arch}.block_count", 0))
-    n_embd = int(field(f"{arch}.embedding_length", 0))
-    n_head = _first(field(f"{arch}.attention.head_count", 0))
+    n_layers = int(value(f"{arch}.block_count", 0))
+    n_embd = int(value(f"{arch}.embedding_length", 0))
+    n_head = _first(value(f"{arch}.attention.head_count", 0))
     if not (n_layers and n_embd and n_head):
         raise ModelLoadFailed(
             f"The model file {path} lacks {arch}.block_count, embedding_length or "
             f"attention.head_count; llama.cpp cannot run it."
         )
-    head_kv = field(f"{arch}.attention.head_count_kv", n_head)
+    head_kv = value(f"{arch}.attention.head_count_kv", n_head)
     n_head_kv = tuple(head_kv) if isinstance(head_kv, list) else (int(head_kv),) * n_layers
     head_dim = n_embd // n_head
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    n_vocab = int(field(f"{arch}.vocab_size", 0)) or (len(tokens.data) if tokens else 0)
+    n_vocab = int(value(f"{arch}.vocab_size", 0)) or (len(tokens.data) if tokens else 0)
 
     layer_bytes = [0] * n_layers
     input_bytes = output_bytes = parameters = 0
@@ -232,23 +236,31 @@ def _parse(path: str, size: int) -> GgufInfo:
         path=path,
         file_size=size,
         architecture=str(arch),
-        name=field("general.name"),
+        name=value("general.name"),
         parameters=parameters,
-        quantization=_quantization(field("general.file_type"), type_counts),
+        quantization=_quantization(value("general.file_type"), type_counts),
         n_layers=n_layers,
-        n_ctx_train=int(field(f"{arch}.context_length", 0)) or 2048,
+        n_ctx_train=int(value(f"{arch}.context_length", 0)) or 2048,
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=n_head_kv,
-        head_dim_k=int(field(f"{arch}.attention.key_length", head_dim)),
-        head_dim_v=int(field(f"{arch}.attention.value_length", head_dim)),
+        head_dim_k=int(value(f"{arch}.attention.key_length", head_dim)),
+        head_dim_v=int(value(f"{arch}.attention.value_length", head_dim)),
         n_vocab=n_vocab,
         layer_bytes=tuple(layer_bytes),
         input_bytes=input_bytes,
         output_bytes=output_bytes,
         tied_head_bytes=tied_head_bytes,
         embedding_model=f"{arch}.pooling_type" in reader.fields,
+        metadata={k: _shown(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")},
     )
+
+
+def _shown(f) -> Any:
+    """A header value as /api/show gives it: scalars and short arrays; None for long ones."""
+    if len(f.data) > 16 and len(f.types) > 1:  # an array of more than 16 items
+        return None
+    return f.contents()
 
 
 def estimate_memory(

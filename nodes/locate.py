@@ -1,0 +1,63 @@
+"""Find a model's file on the node that must run it.
+
+The head plans with paths on its own disk. A replica on another node takes, in
+order:
+
+1. the same path, when it exists here: the same box, or storage every node
+   mounts at the same place (NFS, a shared ``CORRAL_MODELS``), used in place;
+2. the blob in this node's own store (``CORRAL_MODELS``, else
+   ``~/.corral/models``), fetched before;
+3. the blob fetched from the head's ``/api/blobs/sha256:<hex>`` into this
+   node's store: resumable and checked against its digest, so a node never
+   reaches the internet for a model the head already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from nodes.engine import EngineSpec
+from nodes.errors import CorralError, ModelLoadFailed
+from nodes.store import Store
+
+log = logging.getLogger("corral.locate")
+
+DEFAULT_STORE = "~/.corral/models"
+
+
+def node_store() -> Store:
+    """This node's model store (``CORRAL_MODELS``, else ``~/.corral/models``)."""
+    return Store(Path(os.environ.get("CORRAL_MODELS") or DEFAULT_STORE).expanduser())
+
+
+async def locate(spec: EngineSpec, store: Store | None = None) -> EngineSpec:
+    """``spec`` with a ``path`` that exists on this node (see module docstring)."""
+    if spec.engine != "llama.cpp" or await asyncio.to_thread(Path(spec.path).is_file):
+        return spec
+    if not spec.digest:
+        raise ModelLoadFailed(
+            f"The model file {spec.path} is not on this node, and the head gave no digest to "
+            f"fetch it by. Put the models on storage every node mounts at the same path."
+        )
+    store = store or node_store()
+    if store.has_blob(spec.digest):
+        return replace(spec, path=str(store.blob_path(spec.digest)))
+    if not spec.fetch_from:
+        raise ModelLoadFailed(f"The model file {spec.path} is not on this node.")
+    url = f"{spec.fetch_from}/api/blobs/{spec.digest}"
+    log.info("fetching %s (%s) from %s into %s", spec.model, spec.digest, url, store.root)
+    from nodes.registry import Puller  # only a node that fetches pays for the import
+
+    try:
+        path = await Puller(store).fetch_blob(spec.digest, url)
+    except CorralError as exc:
+        raise ModelLoadFailed(
+            f"{spec.model} is not on this node and fetching it from the head failed: "
+            f"{exc.message} (the head's API must be reachable from every node: serve it on "
+            f"0.0.0.0, or put the models on shared storage)"
+        ) from None
+    return replace(spec, path=str(path))
