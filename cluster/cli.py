@@ -123,7 +123,7 @@ def main() -> None:
 
 
 # Modules that register their commands on `app`: node start/stop, nodes, plan, apply, ps.
-from cluster import cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
+from cluster import cli_models, cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
