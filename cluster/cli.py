@@ -122,7 +122,8 @@ def main() -> None:
     app()
 
 
-# Modules that register their commands on `app`: node start/stop, nodes, plan, apply, ps.
+# Modules that register their commands on `app`: node start/stop, nodes, plan, apply, ps,
+# and the model commands (pull, list, show, rm, cp, create, stop, run).
 from cluster import cli_models, cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
 
 if __name__ == "__main__":

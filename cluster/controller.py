@@ -288,7 +288,9 @@ class Controller:
         return [s.model_dump() for s in self._inventory.snapshot(by_node)]
 
     async def list_models(self) -> list[LocalModel]:
-        return await asyncio.to_thread(self._library.models)
+        """The library's models, and the declared ones (which run their `source`)."""
+        models = {m.name: m for m in await asyncio.to_thread(self._library.models)}
+        return sorted({**models, **self._files}.values(), key=lambda m: m.name)
 
     # -- the model library (cluster/library.py) ---------------------------------
 
@@ -330,6 +332,8 @@ class Controller:
         """Unload ``model``'s placements now, down to the replicas models.yaml keeps
         (Ollama's ``keep_alive: 0`` with no prompt); False if none was loaded."""
         name = normalize_name(model)
+        if not self._apps_of(name):
+            await asyncio.to_thread(self._model_file, name)  # ModelNotFound
         async with self._changing:
             mine = [p for p in self._placements.values() if p.model == name]
             keep = self._spec_of(name).replicas.min if name in self._declared else 0

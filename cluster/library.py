@@ -91,8 +91,12 @@ class Library:
         if unknown:
             raise InvalidRequest(f"Corral cannot create models with {', '.join(unknown)}.")
         base = await asyncio.to_thread(self._base_of, recipe)
-        yield {"status": f"using existing layer {base.model_digest or 'sha256:(built in)'}"}
-        digest = base.model_digest or await asyncio.to_thread(self.store.add_file, base.path)
+        digest = base.model_digest
+        if digest:
+            yield {"status": f"using existing layer {digest}"}
+        else:  # the built-in model lives in the wheel, not the store
+            yield {"status": f"copying {base.name} into the store"}
+            digest = await asyncio.to_thread(self.store.add_file, base.path)
         for field in ("template", "system", "license"):
             if recipe.get(field):
                 yield {"status": f"creating new layer ({field})"}
