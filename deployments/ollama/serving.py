@@ -34,8 +34,9 @@ from pydantic import BaseModel
 
 from deployments.backend import ModelBackend
 from deployments.errors import classify
+from deployments.generation import gather, open_generation
 from deployments.ollama import protocol as p
-from deployments.replica import Admitted, Refused, StreamEvent
+from deployments.replica import Refused, StreamEvent
 from nodes.engine import (
     ChatMessage,
     Embeddings,
@@ -45,7 +46,7 @@ from nodes.engine import (
     TextDelta,
 )
 from nodes.errors import InvalidRequest, ModelNotFound
-from nodes.models import LocalModel, ModelDetails, check_name
+from nodes.models import LocalModel, ModelDetails, model_name
 
 log = logging.getLogger("corral.ollama")
 
@@ -139,8 +140,10 @@ class OllamaServing:
         generation = await self._open(name, greq, started)
         if req.stream:
             return self._stream(generation, req.model, piece)
-        text, finished = await _gather(generation.stream)
-        return _final(piece(req.model, text, True, finished.reason), finished, generation)
+        whole = await gather(generation.stream)
+        return _final(
+            piece(req.model, whole.text, True, whole.finished.reason), whole.finished, generation
+        )
 
     async def _load_or_unload(self, name: str, keep_alive: float | None) -> str:
         """An empty prompt: Ollama's way to load a model, or with keep_alive 0 to unload it."""
@@ -151,23 +154,9 @@ class OllamaServing:
         return "load"
 
     async def _open(self, name: str, greq: GenerateRequest, started: float) -> _Generation:
-        """Start a generation and wait until the replica admits it.
-
-        Errors up to admission (unknown model, bad prompt, load failure) raise
-        here, before any byte of the response is sent.
-        """
-        stream = self._backend.generate(name, greq)
-        try:
-            first = await anext(stream)
-        except BaseException:
-            await stream.aclose()
-            raise
-        if first and isinstance(first[0], Admitted):
-            return _Generation(stream, started, time.perf_counter())
-        await stream.aclose()
-        if first and isinstance(first[0], Refused):
-            raise first[0].error
-        raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
+        """Start a generation; up-front errors raise before any byte is sent."""
+        stream = await open_generation(self._backend, name, greq)
+        return _Generation(stream, started, time.perf_counter())
 
     async def _stream(self, gen: _Generation, model: str, piece: _Piece) -> AsyncIterator[str]:
         try:
@@ -331,14 +320,6 @@ class OllamaServing:
 
 
 # -- request conversion (pure) --------------------------------------------------------
-
-
-def model_name(name: str, param: str = "model") -> str:
-    """``name`` normalised (``x`` -> ``x:latest``), or 400 saying what a name may hold."""
-    try:
-        return check_name(name)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param=param) from None
 
 
 def check_digest(digest: str) -> str:
@@ -574,23 +555,6 @@ def metrics_of(finished: Finished, started: float, admitted: float, ended: float
         eval_count=usage.completion_tokens,
         eval_duration=generation,
     )
-
-
-async def _gather(stream: AsyncIterator[list[StreamEvent]]) -> tuple[str, Finished]:
-    parts: list[str] = []
-    finished: Finished | None = None
-    try:
-        async for batch in stream:
-            for event in batch:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
-                    finished = event
-    finally:
-        await stream.aclose()
-    if finished is None:
-        raise RuntimeError("the replica's stream ended without a Finished event")
-    return "".join(parts), finished
 
 
 def details(d: ModelDetails) -> p.Details:

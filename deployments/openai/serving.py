@@ -22,8 +22,9 @@ from pydantic import BaseModel
 
 from deployments.backend import ModelBackend
 from deployments.errors import openai_sse_error
+from deployments.generation import gather, open_generation
 from deployments.openai import protocol as p
-from deployments.replica import Admitted, Refused, StreamEvent
+from deployments.replica import Refused, StreamEvent
 from nodes.engine import (
     ChatMessage,
     Finished,
@@ -38,14 +39,6 @@ log = logging.getLogger("corral.openai")
 
 MAX_STOP_SEQUENCES = 16
 MAX_EMBEDDING_INPUTS = 2048
-
-
-@dataclass(slots=True)
-class Result:
-    """A whole generation, gathered from its events."""
-
-    text: str
-    finished: Finished
 
 
 class OpenAIServing:
@@ -70,11 +63,11 @@ class OpenAIServing:
 
     async def chat(self, req: p.ChatCompletionRequest) -> p.ChatCompletion | AsyncIterator[str]:
         greq = chat_to_engine(req)
-        stream = await self._open(req.model, greq)
+        stream = await open_generation(self._backend, req.model, greq)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return self._stream_sse(stream, _ChatChunks(rid, created, req.model, req.include_usage))
-        result = await _gather(stream)
+        result = await gather(stream)
         return p.ChatCompletion(
             id=rid,
             created=created,
@@ -92,13 +85,13 @@ class OpenAIServing:
 
     async def completion(self, req: p.CompletionRequest) -> p.Completion | AsyncIterator[str]:
         greq = completion_to_engine(req)
-        stream = await self._open(req.model, greq)
+        stream = await open_generation(self._backend, req.model, greq)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = greq.prompt if req.echo else ""
         if req.stream:
             chunks = _CompletionChunks(rid, created, req.model, echo, req.include_usage)
             return self._stream_sse(stream, chunks)
-        result = await _gather(stream)
+        result = await gather(stream)
         return p.Completion(
             id=rid,
             created=created,
@@ -125,25 +118,6 @@ class OpenAIServing:
         return p.EmbeddingResponse(data=data, model=req.model, usage=usage)
 
     # -- streaming plumbing -----------------------------------------------------
-
-    async def _open(self, model: str, greq: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
-        """Start a generation and wait until the replica admits it.
-
-        Errors up to admission (unknown model, bad prompt, load failure) raise
-        here, before any byte of the response is sent.
-        """
-        stream = self._backend.generate(model, greq)
-        try:
-            first = await anext(stream)
-        except BaseException:
-            await stream.aclose()
-            raise
-        if first and isinstance(first[0], Admitted):
-            return stream
-        await stream.aclose()
-        if first and isinstance(first[0], Refused):
-            raise first[0].error
-        raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
 
     async def _stream_sse(
         self, stream: AsyncIterator[list[StreamEvent]], chunks: _Chunks
@@ -354,23 +328,6 @@ class _CompletionChunks:
         if self.include_usage:
             last.usage = _usage(event)
         return [last]
-
-
-async def _gather(stream: AsyncIterator[list[StreamEvent]]) -> Result:
-    parts: list[str] = []
-    finished: Finished | None = None
-    try:
-        async for batch in stream:
-            for event in batch:
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
-                    finished = event
-    finally:
-        await stream.aclose()
-    if finished is None:
-        raise RuntimeError("the replica's stream ended without a Finished event")
-    return Result(text="".join(parts), finished=finished)
 
 
 def _usage(event: Finished) -> p.UsageInfo:

@@ -21,7 +21,6 @@ from deployments.ollama.serving import (
     embed_inputs,
     generate_to_engine,
     metrics_of,
-    model_name,
     modelfile,
     output_format,
     parameters_text,
@@ -33,7 +32,7 @@ from deployments.ollama.serving import (
 )
 from nodes.engine import ChatMessage, Finished, Timings, Usage
 from nodes.errors import InvalidRequest
-from nodes.models import LocalModel, ModelDetails
+from nodes.models import LocalModel, ModelDetails, model_name
 
 PLAIN = LocalModel(name="m:latest", path="/models/m.gguf", size=10, modified_at=0.0)
 WITH_MANIFEST = LocalModel(
