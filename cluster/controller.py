@@ -313,7 +313,7 @@ class Controller:
 
     async def delete_model(self, model: str) -> None:
         """Delete ``model``: refused while models.yaml declares it; its placements go first."""
-        name = self._library.get(model).name
+        name = (await asyncio.to_thread(self._library.deletable, model)).name
         if name in self._declared:
             raise InvalidRequest(
                 f"{name} is declared in the applied models file; take it out of the file and "

