@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from cluster import yamlfile
@@ -20,6 +20,18 @@ from nodes.agent import NodeSettings
 
 ENV_PREFIX = "CORRAL_"
 DEFAULT_PORT = 11434  # Ollama's, so Ollama clients work unchanged
+
+
+class AuthSettings(BaseModel):
+    """Who may call the API (keys come from ``corral keys create``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    required: bool = Field(
+        default=False,
+        description="Refuse every request without a valid API key, even before any key "
+        "exists. Without it, keys are needed once the first one is created.",
+    )
 
 
 class CorralSettings(BaseSettings):
@@ -40,8 +52,8 @@ class CorralSettings(BaseSettings):
     )
     state_dir: Path = Field(
         default=Path("~/.corral"),
-        description="Where Corral keeps its state: the Ray token, the models (unless `models` "
-        "says otherwise), later API keys.",
+        description="Where Corral keeps its state: the Ray token, the API keys (as hashes), "
+        "the models (unless `models` says otherwise).",
     )
     models: Path | None = Field(
         default=None,
@@ -98,6 +110,11 @@ class CorralSettings(BaseSettings):
         default_factory=NodeSettings,
         description="How this box joins the cluster (corral node start): name, reserves, caps, "
         "ports. Environment: CORRAL_NODE__RESERVE_RAM=4GiB and so on.",
+    )
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings,
+        description="API keys: once `corral keys create` made one, every request needs "
+        "`Authorization: Bearer <key>` (GET / stays open for health checks).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         default="info",

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
+from deployments.auth import Authenticate, Keyring, KeyScopedBackend
 from deployments.backend import ModelBackend
 from deployments.cluster_api import cluster_router
+from deployments.context import RequestIds, note_route
 from deployments.errors import ApiError, classify, openai_body
-from deployments.middleware import AccessLog, CancelOnDisconnect, JsonBodies
+from deployments.metrics import ApiMetrics, RequestMetrics, metrics_router
+from deployments.middleware import AccessLog, CancelOnDisconnect, HttpMiddleware, JsonBodies
 from deployments.ollama.api import ollama_router
 from deployments.ollama.serving import OllamaServing
 from deployments.openai.api import openai_router
@@ -29,29 +33,47 @@ log = logging.getLogger("corral.api")
 RUNNING = "Corral is running"
 
 
-def build_api(backend: ModelBackend, *, version: str = "dev") -> FastAPI:
-    """The FastAPI app serving ``backend``."""
+def build_api(
+    backend: ModelBackend,
+    *,
+    version: str = "dev",
+    keyring: Keyring | None = None,
+    metrics: ApiMetrics | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``backend``; ``keyring`` says which API keys it takes
+    (None: no keys, every request is served)."""
     app = FastAPI(
         title="Corral",
         version=version,
         description="Local LLMs on a homelab cluster: OpenAI and Ollama APIs.",
+        dependencies=[Depends(note_route)],
     )
-    app.include_router(openai_router(OpenAIServing(backend)))
-    app.include_router(ollama_router(OllamaServing(backend)))
-    app.include_router(cluster_router(backend))
+    keyring = keyring or Keyring(None)
+    metrics = metrics or ApiMetrics()
+    scoped = KeyScopedBackend(backend)  # each call held to what the request's key allows
+    app.include_router(openai_router(OpenAIServing(scoped)))
+    app.include_router(ollama_router(OllamaServing(scoped)))
+    app.include_router(cluster_router(scoped))
+    app.include_router(metrics_router(backend, metrics))
+    metrics.use_routes(app.router.routes)
 
     @app.get("/", response_class=PlainTextResponse, tags=["Health"])
     @app.head("/", response_class=PlainTextResponse, include_in_schema=False)
     async def root() -> str:
         return RUNNING
 
+    # Outermost last: ids for every response, then the last-resort 500 (so it carries
+    # the id and the route's shape), metrics and the access log, the key check, ...
     app.add_middleware(JsonBodies)
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(Authenticate, keyring=keyring, render=error_response)
     app.add_middleware(AccessLog)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(_LastResort)
+    app.add_middleware(RequestIds)
     app.add_exception_handler(CorralError, _error_handler)
     app.add_exception_handler(RequestValidationError, _error_handler)
     app.add_exception_handler(HTTPException, _http_error_handler)
-    app.add_exception_handler(Exception, _error_handler)  # last resort: a generic 500
     return app
 
 
@@ -62,6 +84,29 @@ def error_response(path: str, error: ApiError) -> Response:
     else:
         body = openai_body(error)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+class _LastResort(HttpMiddleware):
+    """An exception no handler took becomes a 500 in the route's shape.
+
+    Starlette sends those from its outermost layer, around every middleware, so
+    the answer would lack the request id and count nowhere; this catches them
+    first. Once a response has begun (a stream), the exception ends it instead."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:
+                raise
+            await error_response(scope["path"], classify(exc))(scope, receive, send)
 
 
 async def _error_handler(request: Request, exc: Exception) -> Response:

@@ -41,6 +41,8 @@ class ApiError:
 
     @property
     def headers(self) -> dict[str, str] | None:
+        if self.status == 401:
+            return {"WWW-Authenticate": "Bearer"}
         if self.retry_after is None:
             return None
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
@@ -57,6 +59,9 @@ _KINDS: dict[str, tuple[int, str, str | None]] = {
     "unavailable": (503, "server_error", "service_unavailable"),
     # OpenAI's rate-limit shape: its SDKs retry a 429 after Retry-After by themselves.
     "overloaded": (429, "rate_limit_error", "overloaded"),
+    # API keys (deployments/auth.py): OpenAI's own codes for these.
+    "unauthorized": (401, "invalid_request_error", "invalid_api_key"),
+    "forbidden": (403, "invalid_request_error", "model_not_allowed"),
 }
 
 INTERNAL = ApiError(500, "The server had an error while processing your request.", "server_error")

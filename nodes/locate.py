@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nodes.engine import EngineSpec
 from nodes.errors import CorralError, ModelLoadFailed
+from nodes.rayenv import node_api_key
 from nodes.store import Store
 
 log = logging.getLogger("corral.locate")
@@ -53,7 +54,9 @@ async def locate(spec: EngineSpec, store: Store | None = None) -> EngineSpec:
     from nodes.registry import Puller  # only a node that fetches pays for the import
 
     try:
-        path = await Puller(store).fetch_blob(spec.digest, url)
+        key = node_api_key()
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        path = await Puller(store).fetch_blob(spec.digest, url, headers=headers)
     except CorralError as exc:
         raise ModelLoadFailed(
             f"{spec.model} is not on this node and fetching it from the head failed: "

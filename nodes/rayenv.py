@@ -13,6 +13,8 @@ also refreshes Ray's cached view, as ``ray.init`` does when it turns auth on.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -77,3 +79,26 @@ def use_in_this_process(token: Path) -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def cluster_token() -> str | None:
+    """The Ray token this process runs with (its environment, as Ray reads it), if any."""
+    if token := os.environ.get("RAY_AUTH_TOKEN"):
+        return token.strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or "~/.ray/auth_token"
+    try:
+        return Path(path).expanduser().read_text().strip() or None
+    except OSError:
+        return None
+
+
+def node_api_key() -> str | None:
+    """The bearer key a cluster node shows the head's API to fetch a model file.
+
+    Derived from the Ray token every node already holds, so API keys need not be
+    copied to the nodes, and the key gives nothing the Ray token did not."""
+    token = cluster_token()
+    if not token:
+        return None
+    digest = hmac.new(token.encode(), b"corral node blob fetch", hashlib.sha256).hexdigest()
+    return "corral-node-" + digest

@@ -218,10 +218,12 @@ class Puller:
         if shared.error is not None:
             raise shared.error
 
-    async def fetch_blob(self, digest: str, url: str) -> Path:
+    async def fetch_blob(
+        self, digest: str, url: str, headers: dict[str, str] | None = None
+    ) -> Path:
         """Blob ``digest`` from ``url`` (the head's /api/blobs), resumable and verified."""
         digest = normal_digest(digest)
-        return await self._blob(digest, None, _opener(url), f"{digest} from {url}")
+        return await self._blob(digest, None, _opener(url, headers), f"{digest} from {url}")
 
     async def aclose(self) -> None:
         """Stop every download (a later pull resumes them)."""

@@ -1,0 +1,442 @@
+"""API keys: who may call the API, and which models each key may use.
+
+Keys live in ``STATE_DIR/api-keys.json`` (mode 600) as SHA-256 hashes only;
+``corral keys create`` shows a key once and never stores it. A key is 32
+random bytes, so a fast hash is as safe as a slow one: there is nothing to
+guess a dictionary from.
+
+Once the file holds any key (revoked ones included: revoking the last key
+must not open the API to everyone) or ``auth.required`` is set, every route
+but the health check (``GET /``) and the API docs needs
+``Authorization: Bearer <key>``. ``Authenticate`` (ASGI middleware) checks it
+and answers 401 in the route's own error shape; the request's ``Grant`` then
+rides in the request context, and ``KeyScopedBackend`` refuses (403) any
+model outside a limited key's list, hides those models from listings, and
+keeps the model library and the cluster's inner workings to unlimited keys.
+
+The ingress re-reads the file when it changes, so ``corral keys create`` and
+``revoke`` take effect on the next request without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from deployments.backend import ModelBackend
+from deployments.context import current_request, note_model
+from deployments.errors import ApiError, classify
+from deployments.middleware import HttpMiddleware
+from deployments.replica import Refused, StreamEvent
+from nodes.engine import Embeddings, GenerateRequest
+from nodes.errors import CorralError
+from nodes.models import LocalModel, normalize_name
+
+log = logging.getLogger("corral.auth")
+
+KEYS_FILE = "api-keys.json"
+KEY_PREFIX = "corral-"
+# Paths anyone may call: the health check and the API's own documentation.
+OPEN_PATHS = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class Unauthorized(CorralError):
+    """No key, a wrong key or a revoked key (401)."""
+
+    kind = "unauthorized"
+
+
+class Forbidden(CorralError):
+    """A good key asking for something it may not have (403)."""
+
+    kind = "forbidden"
+
+
+class KeyFileError(Exception):
+    """The key file cannot be read or written; the message says which file and why."""
+
+
+def keys_path(state_dir: Path) -> Path:
+    return state_dir / KEYS_FILE
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One key as stored: never the key itself, only its hash."""
+
+    id: str
+    name: str
+    hash: str
+    created_at: str
+    models: tuple[str, ...] | None = None  # None: every model, and the model library
+    revoked_at: str | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["models"] = list(self.models) if self.models is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ApiKey:
+        models = data.get("models")
+        return cls(
+            id=str(data["id"]),
+            name=str(data.get("name") or ""),
+            hash=str(data["hash"]),
+            created_at=str(data.get("created_at") or ""),
+            models=tuple(str(m) for m in models) if models is not None else None,
+            revoked_at=data.get("revoked_at"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the key of the current request may do."""
+
+    key_id: str
+    name: str
+    models: frozenset[str] | None  # None: everything
+
+    @property
+    def limited(self) -> bool:
+        return self.models is not None
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or normalize_name(model) in self.models
+
+
+# The cluster's own nodes: they may read model files (blobs) and nothing else.
+NODE_GRANT = Grant("node", "cluster node", None)
+
+
+class KeyFile:
+    """The key file of one state directory: read, create, revoke (atomic, locked)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> list[ApiKey]:
+        """Every key, revoked ones included; [] if there is no file."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise KeyFileError(f"cannot read {self.path}: {exc.strerror}") from None
+        try:
+            doc = json.loads(text)
+            return [ApiKey.from_json(k) for k in doc["keys"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KeyFileError(
+                f"{self.path} is damaged ({exc}); restore it, or remove it and create new keys"
+            ) from None
+
+    def create(self, name: str = "", models: Sequence[str] | None = None) -> tuple[ApiKey, str]:
+        """A new key: its record, and the key itself (shown once, never stored)."""
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._locked():
+            keys = self.read()
+            taken = {k.id for k in keys}
+            key_id = _new_id(taken)
+            record = ApiKey(
+                id=key_id,
+                name=name or key_id,
+                hash=hash_key(secret),
+                created_at=_now(),
+                models=tuple(dict.fromkeys(normalize_name(m) for m in models))
+                if models is not None
+                else None,
+            )
+            self._write([*keys, record])
+        return record, secret
+
+    def revoke(self, which: str) -> ApiKey:
+        """Revoke the key whose id or name is ``which``; KeyError if none, ValueError if the
+        name is ambiguous."""
+        with self._locked():
+            keys = self.read()
+            matches = [k for k in keys if k.id == which] or [k for k in keys if k.name == which]
+            if not matches:
+                raise KeyError(which)
+            if len(matches) > 1:
+                ids = ", ".join(k.id for k in matches)
+                raise ValueError(f"{len(matches)} keys are named {which!r} ({ids}); give the id")
+            target = matches[0]
+            if target.revoked:
+                return target
+            revoked = ApiKey(**{**asdict(target), "revoked_at": _now()})
+            self._write([revoked if k.id == target.id else k for k in keys])
+        return revoked
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (two `corral keys` commands at once)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, keys: list[ApiKey]) -> None:
+        body = json.dumps({"version": 1, "keys": [k.to_json() for k in keys]}, indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:  # mkstemp: mode 600
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+
+def _new_id(taken: set[str]) -> str:
+    while (key_id := "key-" + secrets.token_hex(4)) in taken:
+        pass
+    return key_id
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Keyring:
+    """The ingress's view of the key file, re-read whenever the file changes."""
+
+    path: Path | None  # None: no key file (tests of the bare app)
+    required: bool = False
+    # What the cluster's own nodes present to fetch model files from the head
+    # (nodes/rayenv.py derives it from the Ray token); None: nodes cannot.
+    node_key: str | None = None
+    _stamp: tuple[int, int, int] | None = field(default=None, init=False)
+    _keys: list[ApiKey] = field(default_factory=list, init=False)
+    _error: str | None = field(default=None, init=False)
+
+    def _refresh(self) -> None:
+        if self.path is None:
+            return
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._stamp and self._error is None:
+            return
+        try:
+            self._keys = KeyFile(self.path).read()
+            self._error = None
+        except KeyFileError as exc:
+            if self._error != str(exc):
+                log.error("API keys cannot be checked: %s", exc)
+            self._error = str(exc)
+        self._stamp = stamp
+
+    @property
+    def active(self) -> bool:
+        """Whether requests need a key."""
+        self._refresh()
+        return self.required or bool(self._keys) or self._error is not None
+
+    def check(self, authorization: str | None, *, path: str = "", method: str = "GET") -> Grant:
+        """The grant of the key in an ``Authorization`` header; Unauthorized otherwise."""
+        self._refresh()
+        if self._error is not None:
+            # Fail closed: a damaged key file must not open the API.
+            raise Unauthorized(
+                "API keys cannot be checked: the server's key file is damaged (see its log)."
+            )
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized(
+                "This server needs an API key: send 'Authorization: Bearer <key>' "
+                "(keys come from `corral keys create` on the head)."
+            )
+        if (
+            self.node_key is not None
+            and method in ("GET", "HEAD")
+            and path.startswith("/api/blobs/")
+            and hmac.compare_digest(token.encode(), self.node_key.encode())
+        ):
+            return NODE_GRANT  # a node fetching a model file it must run
+        presented = hash_key(token)
+        found: ApiKey | None = None
+        for key in self._keys:  # every key compared, in constant time each
+            if hmac.compare_digest(key.hash, presented):
+                found = key
+        if found is None:
+            raise Unauthorized("The API key is not valid.")
+        if found.revoked:
+            raise Unauthorized("The API key was revoked.")
+        return Grant(
+            found.id, found.name, frozenset(found.models) if found.models is not None else None
+        )
+
+
+class Authenticate(HttpMiddleware):
+    """Refuse requests without a valid key (when keys are on) before any route runs."""
+
+    def __init__(
+        self, app: ASGIApp, keyring: Keyring, render: Callable[[str, ApiError], Response]
+    ) -> None:
+        super().__init__(app)
+        self.keyring = keyring
+        self.render = render
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path in OPEN_PATHS or not self.keyring.active:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        try:
+            grant = self.keyring.check(header, path=path, method=scope["method"])
+        except Unauthorized as exc:
+            # Logged without the header: a key, even a wrong one, never reaches the logs.
+            log.info("refused %s %s: %s", scope["method"], path, exc.message)
+            await self.render(path, classify(exc))(scope, receive, send)
+            return
+        if (ctx := current_request()) is not None:
+            ctx.grant = grant
+        await self.app(scope, receive, send)
+
+
+def current_grant() -> Grant | None:
+    ctx = current_request()
+    return ctx.grant if ctx is not None else None
+
+
+def _check_model(model: str) -> None:
+    """403 unless the current key may use ``model``; notes the model for metrics."""
+    grant = current_grant()
+    if grant is not None and not grant.allows(model):
+        raise Forbidden(
+            f"This API key may not use the model '{model}'. "
+            f"It is limited to: {', '.join(sorted(grant.models or ())) or 'no models'}."
+        )
+
+
+def _check_unlimited(what: str) -> None:
+    grant = current_grant()
+    if grant is not None and grant.limited:
+        raise Forbidden(f"This API key is limited to some models; {what} needs an unlimited key.")
+
+
+class KeyScopedBackend:
+    """A ``ModelBackend`` that holds each call to what the current request's key allows.
+
+    Every model a request names passes through here, so this is also where the
+    request's model is noted for metrics and logs.
+    """
+
+    def __init__(self, inner: ModelBackend) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything not about a model or the library (e.g. metrics) passes straight through.
+        return getattr(self._inner, name)
+
+    def _use(self, model: str) -> None:
+        _check_model(model)
+        note_model(model)
+
+    async def list_models(self) -> list[LocalModel]:
+        models = await self._inner.list_models()
+        grant = current_grant()
+        if grant is None or not grant.limited:
+            return models
+        return [m for m in models if grant.allows(m.name)]
+
+    def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
+        self._use(model)
+        return self._inner.generate(model, request)
+
+    async def embed(
+        self, model: str, texts: Sequence[str], keep_alive: float | None = None
+    ) -> Embeddings | Refused:
+        self._use(model)
+        return await self._inner.embed(model, texts, keep_alive)
+
+    async def show_model(self, model: str) -> tuple[LocalModel, dict[str, Any]]:
+        self._use(model)
+        return await self._inner.show_model(model)
+
+    async def load_model(self, model: str, keep_alive: float | None = None) -> None:
+        self._use(model)
+        await self._inner.load_model(model, keep_alive)
+
+    async def unload_model(self, model: str) -> bool:
+        self._use(model)
+        return await self._inner.unload_model(model)
+
+    # -- changing the model library: unlimited keys only --
+
+    def pull(self, model: str, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
+        _check_unlimited("pulling a model")
+        note_model(model)
+        return self._inner.pull(model, insecure)
+
+    def create_model(self, model: str, recipe: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        _check_unlimited("creating a model")
+        note_model(model)
+        return self._inner.create_model(model, recipe)
+
+    async def copy_model(self, source: str, destination: str) -> None:
+        _check_unlimited("copying a model")
+        note_model(source)
+        await self._inner.copy_model(source, destination)
+
+    async def delete_model(self, model: str) -> None:
+        _check_unlimited("deleting a model")
+        note_model(model)
+        await self._inner.delete_model(model)
+
+    async def blob_file(self, digest: str) -> str | None:
+        _check_unlimited("reading model files")
+        return await self._inner.blob_file(digest)
+
+    async def save_blob(self, digest: str, chunks: AsyncIterator[bytes]) -> None:
+        _check_unlimited("uploading model files")
+        await self._inner.save_blob(digest, chunks)
+
+    # -- the cluster's inner workings --
+
+    async def cluster_nodes(self) -> list[dict[str, Any]]:
+        _check_unlimited("the cluster's nodes")
+        return await self._inner.cluster_nodes()
+
+    async def cluster_placements(self) -> list[dict[str, Any]]:
+        placements = await self._inner.cluster_placements()
+        grant = current_grant()
+        if grant is None or not grant.limited:
+            return placements
+        return [p for p in placements if grant.allows(str(p.get("model", "")))]
