@@ -1,6 +1,6 @@
 """Ollama's native routes over HTTP: the real app, a real server, the real starter model.
 
-The app (``build_api`` plus the Ollama router) runs under uvicorn in a thread
+The app (``build_api``) runs under uvicorn in a thread
 over ``LocalBackend``: in-process replicas (the real ``ModelReplica``, no Ray)
 with the real llama.cpp engine on SmolLM2-135M, and a fake engine that breaks
 mid-stream. Requests go through httpx and through the official ``ollama``
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,15 +20,13 @@ from datetime import datetime
 import httpx
 import ollama
 import pytest
-import uvicorn
 
 from deployments.api import build_api
-from deployments.ollama.api import ollama_router
-from deployments.ollama.serving import OLLAMA_VERSION, OllamaServing
+from deployments.ollama.serving import OLLAMA_VERSION
 from nodes.engine import EngineSpec
 from nodes.models import STARTER_MODEL, builtin_models
-from tests.conftest import free_port
 from tests.support.local_backend import LocalBackend
+from tests.support.serve import serve_app
 from tests.support.vectors import dot
 
 MODEL = STARTER_MODEL
@@ -67,20 +64,8 @@ def backend(starter_path, tmp_path_factory) -> LocalBackend:
 @pytest.fixture(scope="module")
 def url(backend) -> Iterator[str]:
     """The app served by uvicorn on a free port, as ``corral serve`` would serve it."""
-    app = build_api(backend)
-    if not any(getattr(r, "path", None) == "/api/chat" for r in app.routes):
-        app.include_router(ollama_router(OllamaServing(backend)))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_app(build_api(backend)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
