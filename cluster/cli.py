@@ -123,8 +123,8 @@ def main() -> None:
 
 
 # Modules that register their commands on `app`: node start/stop, nodes, plan, apply, ps,
-# and the model commands (pull, list, show, rm, cp, create, stop, run).
-from cluster import cli_models, cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
+# the model commands (pull, list, show, rm, cp, create, stop, run), and keys.
+from cluster import cli_keys, cli_models, cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

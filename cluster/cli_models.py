@@ -53,8 +53,13 @@ class ServerError(Exception):
 
 
 def connect(url: str) -> httpx.Client:
-    """The client every command uses (tests replace it with one on a mock transport)."""
-    return httpx.Client(base_url=url, timeout=httpx.Timeout(60.0, connect=10.0))
+    """The client every command uses (tests replace it with one on a mock transport);
+    it sends the API key of ``CORRAL_API_KEY`` when that is set."""
+    from cluster.cli_ps import api_headers
+
+    return httpx.Client(
+        base_url=url, headers=api_headers(), timeout=httpx.Timeout(60.0, connect=10.0)
+    )
 
 
 @contextmanager
@@ -80,11 +85,15 @@ def corral(host: str | None, config: Path | None) -> Iterator[httpx.Client]:
 
 
 def error_text(response: httpx.Response) -> str:
-    """The ``error`` of an Ollama error body, else the status and the start of the body."""
+    """The ``error`` of an Ollama error body, else the status and the start of the body;
+    a refused key adds how to give one."""
+    from cluster.cli_ps import NEED_KEY
+
     try:
-        return str(response.json()["error"])
+        text = str(response.json()["error"])
     except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
+        text = f"HTTP {response.status_code}: {response.text[:200]}"
+    return f"{text.rstrip('.')}; {NEED_KEY}" if response.status_code == 401 else text
 
 
 def call(client: httpx.Client, method: str, path: str, body: dict | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Ollama's, so it works from any box that can reach the API, without joining Ray.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Annotated, Any
@@ -53,13 +54,25 @@ def api_url(host: str) -> str:
     return f"http://{f'[{address}]' if ':' in address else address}:{port}"
 
 
+API_KEY_ENV = "CORRAL_API_KEY"
+NEED_KEY = f"set {API_KEY_ENV} to a key made by `corral keys create` on the head"
+
+
+def api_headers() -> dict[str, str]:
+    """The API key of ``CORRAL_API_KEY`` as a bearer header, when it is set."""
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def fetch_placements(url: str) -> list[dict[str, Any]]:
     import httpx
 
     try:
-        r = httpx.get(f"{url}/api/cluster/placements", timeout=10)
+        r = httpx.get(f"{url}/api/cluster/placements", headers=api_headers(), timeout=10)
     except httpx.HTTPError as exc:
         raise OSError(str(exc) or type(exc).__name__) from None
+    if r.status_code in (401, 403):
+        raise OSError(f"HTTP {r.status_code}: {r.text[:200]}; {NEED_KEY}")
     if r.status_code != 200:
         raise OSError(f"HTTP {r.status_code}: {r.text[:200]}")
     return r.json()["placements"]

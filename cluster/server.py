@@ -18,6 +18,7 @@ from ray import serve
 
 from cluster.controller import start_controller
 from cluster.settings import CorralSettings
+from deployments.auth import keys_path
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
 from nodes.agent import LABEL_NODE, LABEL_ROLE, NodeRecord
@@ -99,6 +100,8 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
             routing=settings.routing,
             load_timeout=settings.load_timeout,
             models=str(settings.models_path),
+            keys=str(keys_path(settings.state_path)),
+            auth_required=settings.auth.required,
         )
         serve.run(ingress_app(config, node_labels=here), name=INGRESS_APP, route_prefix=None)
         _wait_until_answering(running.url, timeout=60)

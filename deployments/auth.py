@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -48,6 +48,8 @@ from nodes.errors import CorralError
 from nodes.models import LocalModel, normalize_name
 
 log = logging.getLogger("corral.auth")
+
+T = TypeVar("T")
 
 KEYS_FILE = "api-keys.json"
 KEY_PREFIX = "corral-"
@@ -335,7 +337,15 @@ def current_grant() -> Grant | None:
     return ctx.grant if ctx is not None else None
 
 
-def _check_model(model: str) -> None:
+def visible(items: list[T], name: Callable[[T], str]) -> list[T]:
+    """The ``items`` naming models the current key may use: what listings show it."""
+    grant = current_grant()
+    if grant is None or not grant.limited:
+        return items
+    return [item for item in items if grant.allows(name(item))]
+
+
+def check_model(model: str) -> None:
     """403 unless the current key may use ``model``; notes the model for metrics."""
     grant = current_grant()
     if grant is not None and not grant.allows(model):
@@ -366,15 +376,13 @@ class KeyScopedBackend:
         return getattr(self._inner, name)
 
     def _use(self, model: str) -> None:
-        _check_model(model)
+        check_model(model)
         note_model(model)
 
     async def list_models(self) -> list[LocalModel]:
-        models = await self._inner.list_models()
-        grant = current_grant()
-        if grant is None or not grant.limited:
-            return models
-        return [m for m in models if grant.allows(m.name)]
+        # Not filtered: the serving layers cache this listing across requests (and keys).
+        # What a client is shown is filtered where it is sent (``visible``).
+        return await self._inner.list_models()
 
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[list[StreamEvent]]:
         self._use(model)
@@ -435,8 +443,4 @@ class KeyScopedBackend:
         return await self._inner.cluster_nodes()
 
     async def cluster_placements(self) -> list[dict[str, Any]]:
-        placements = await self._inner.cluster_placements()
-        grant = current_grant()
-        if grant is None or not grant.limited:
-            return placements
-        return [p for p in placements if grant.allows(str(p.get("model", "")))]
+        return await self._inner.cluster_placements()  # filtered where sent, as list_models

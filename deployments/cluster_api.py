@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from deployments.auth import visible
 from deployments.backend import ModelBackend
 
 
@@ -21,6 +22,7 @@ def cluster_router(backend: ModelBackend) -> APIRouter:
     async def placements() -> dict[str, Any]:
         """Every placement (a model on a node): replicas, context, threads, GPU layers, the
         RAM and VRAM each replica holds, why it is there, and its Serve status."""
-        return {"placements": await backend.cluster_placements()}
+        placements = await backend.cluster_placements()
+        return {"placements": visible(placements, lambda p: str(p.get("model", "")))}
 
     return router

@@ -18,15 +18,18 @@ import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from ray import serve
 from ray.serve.deployment import Application
 
 from deployments.api import build_api
+from deployments.auth import Keyring
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ServeBackend
 from deployments.routing import Strategy
 from nodes.logs import setup_logging
+from nodes.rayenv import node_api_key
 from nodes.store import Store
 
 log = logging.getLogger("corral.ingress")
@@ -45,6 +48,8 @@ class IngressConfig:
     routing: Strategy = "least_loaded"
     load_timeout: float = 600.0  # seconds a request waits for its model to load
     models: str = ""  # the model store's root on this box (the head): blobs up and down
+    keys: str = ""  # the API key file (deployments/auth.py); "" : no keys
+    auth_required: bool = False  # a key even before any exists
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -79,7 +84,12 @@ class Ingress:
             load_timeout=config.load_timeout,
             store=Store(config.models) if config.models else None,
         )
-        app = build_api(backend, version=config.version)
+        keyring = Keyring(
+            Path(config.keys) if config.keys else None,
+            required=config.auth_required,
+            node_key=node_api_key(),
+        )
+        app = build_api(backend, version=config.version, keyring=keyring)
         self._server = _EmbeddedServer(
             uvicorn.Config(
                 app,

@@ -1,6 +1,7 @@
 """HTTP wiring for Ollama's native routes under ``/api``: parse, call ``OllamaServing``, send.
 
-Nothing here decides anything; errors raised by the serving layer reach the
+Nothing here decides anything but what a limited API key is shown of the
+listings (``deployments/auth.visible``); errors raised by the serving layer reach the
 app's exception handlers (``deployments/api.py``), which render Ollama's
 ``{"error": "..."}`` for every ``/api`` path. Streams are NDJSON, one object
 per line, as Ollama sends them.
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
+from deployments.auth import visible
 from deployments.ollama import protocol as p
 from deployments.ollama.serving import OllamaServing
 
@@ -27,6 +29,10 @@ def _send(result: BaseModel | dict[str, Any] | AsyncIterator[str]) -> Response:
     if isinstance(result, dict):
         return JSONResponse(result)
     return StreamingResponse(result, media_type=NDJSON, headers={"X-Accel-Buffering": "no"})
+
+
+def _name(model: p.ListedModel | p.RunningModel) -> str:
+    return model.name
 
 
 def ollama_router(serving: OllamaServing) -> APIRouter:
@@ -51,11 +57,13 @@ def ollama_router(serving: OllamaServing) -> APIRouter:
 
     @router.get("/tags", response_model=p.TagsResponse)
     async def tags() -> Response:
-        return _send(await serving.tags())
+        listing = await serving.tags()
+        return _send(listing.model_copy(update={"models": visible(listing.models, _name)}))
 
     @router.get("/ps", response_model=p.PsResponse)
     async def ps() -> Response:
-        return _send(await serving.ps())
+        listing = await serving.ps()
+        return _send(listing.model_copy(update={"models": visible(listing.models, _name)}))
 
     @router.post("/show", response_model=p.ShowResponse)
     async def show(req: p.ShowRequest) -> Response:
