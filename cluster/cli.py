@@ -110,12 +110,32 @@ def serve(
         f"(OpenAI API at {running.url}/v1). Models: {models}. Ctrl-C stops it.",
         highlight=False,
     )
+    if warning := open_api_warning(settings):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     try:
         while not stop.wait(1.0):
             pass
     finally:
         console.print("Stopping Corral...")
         running.stop()
+
+
+def open_api_warning(settings: CorralSettings) -> str | None:
+    """A warning when the API faces the network and anyone there may use it."""
+    from deployments.auth import KeyFile, KeyFileError, keys_path
+
+    host, _ = settings.listen
+    if host in ("127.0.0.1", "::1", "localhost") or settings.auth.required:
+        return None
+    try:
+        if KeyFile(keys_path(settings.state_path)).read():
+            return None
+    except KeyFileError:
+        return None  # the server refuses every request and logs why
+    return (
+        f"the API listens on {settings.host} with no API key: anyone who can reach it may "
+        "use and change the models. `corral keys create` makes one."
+    )
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from deployments.auth import Keyring, keys_path
+from deployments.auth import KeyFile, Keyring, keys_path
 
 
 @pytest.fixture
@@ -90,3 +90,14 @@ def test_the_model_commands_send_corral_api_key(monkeypatch):
         "The API key is not valid; set CORRAL_API_KEY to a key made by `corral keys create` "
         "on the head"
     )
+
+
+def test_serving_the_lan_without_keys_warns(tmp_path):
+    from cluster.cli import open_api_warning
+    from cluster.settings import load_settings
+
+    lan = load_settings(host="0.0.0.0:11434", state_dir=tmp_path)
+    assert "no API key" in open_api_warning(lan)
+    assert open_api_warning(load_settings(host="127.0.0.1:11434", state_dir=tmp_path)) is None
+    KeyFile(keys_path(tmp_path)).create("k")
+    assert open_api_warning(lan) is None
