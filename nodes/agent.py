@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 
 from nodes.hardware import INVENTORY_FILE_ENV, NodeInventory, load_inventory, probe
 from nodes.rayenv import ensure_token, ray_env, system_config_json, use_in_this_process
@@ -81,11 +81,48 @@ class NodeSettings(BaseModel):
     temp_dir: Path | None = Field(
         default=None, description="Ray's session files (default /tmp/ray)."
     )
+    # Ray picks these ports at random unless they are set; a firewall that lets only the
+    # cluster's own boxes reach Ray needs them fixed (ansible/ sets them all).
+    node_manager_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Ray's node manager (raylet) port."
+    )
+    object_manager_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Ray's object manager port."
+    )
+    metrics_export_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Ray's per-node Prometheus metrics port."
+    )
+    dashboard_agent_grpc_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Ray's per-node agent gRPC port."
+    )
+    runtime_env_agent_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Ray's runtime environment agent port."
+    )
+    min_worker_port: int | None = Field(
+        default=None,
+        ge=1024,
+        le=65535,
+        description="Lowest port of Ray's worker processes (with max_worker_port; "
+        "Ray's default range is 10002-19999).",
+    )
+    max_worker_port: int | None = Field(
+        default=None, ge=1024, le=65535, description="Highest port of Ray's worker processes."
+    )
     inventory_file: Path | None = Field(
         default=None,
         description="Declared hardware (YAML) to use instead of probing, e.g. for GPUs "
         "that NVML cannot see.",
     )
+
+    @model_validator(mode="after")
+    def _worker_ports_together(self) -> NodeSettings:
+        """Ray refuses half a worker port range, but only once ``ray start`` runs."""
+        low, high = self.min_worker_port, self.max_worker_port
+        if (low is None) != (high is None):
+            raise ValueError("set min_worker_port and max_worker_port together, or neither")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min_worker_port {low} is above max_worker_port {high}")
+        return self
 
 
 class NodeOffer(BaseModel):
@@ -174,12 +211,28 @@ def ray_start_command(
         cmd.append(f"--resources={json.dumps({VRAM_RESOURCE: offer.vram_mib})}")
     cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in offer.labels.items()))
     cmd.append(f"--dashboard-agent-listen-port={settings.agent_port}")
+    for option, port in _pinned_ports(settings).items():
+        cmd.append(f"--{option}={port}")
     if settings.node_ip:
         cmd.append(f"--node-ip-address={settings.node_ip}")
     if settings.temp_dir:
         cmd.append(f"--temp-dir={settings.temp_dir}")
     cmd += ["--disable-usage-stats", "--block"]
     return cmd
+
+
+def _pinned_ports(settings: NodeSettings) -> dict[str, int]:
+    """``ray start`` options for the ports that are set; Ray picks the others."""
+    ports = {
+        "node-manager-port": settings.node_manager_port,
+        "object-manager-port": settings.object_manager_port,
+        "metrics-export-port": settings.metrics_export_port,
+        "dashboard-agent-grpc-port": settings.dashboard_agent_grpc_port,
+        "runtime-env-agent-port": settings.runtime_env_agent_port,
+        "min-worker-port": settings.min_worker_port,
+        "max-worker-port": settings.max_worker_port,
+    }
+    return {option: port for option, port in ports.items() if port is not None}
 
 
 def node_env(token: Path, settings: NodeSettings) -> dict[str, str]:

@@ -90,6 +90,55 @@ def test_worker_command_with_a_gpu_and_custom_ports():
     assert "--dashboard-agent-listen-port=52400" in cmd
 
 
+def test_rays_ports_are_pinned_only_when_set():
+    offer = plan_offer(inventory("nas-ram8g"), NodeSettings(), "worker")
+    unpinned = ray_start_command(offer, NodeSettings(), address="10.0.0.2:6379")
+    pinned_options = (
+        "--node-manager-port",
+        "--object-manager-port",
+        "--metrics-export-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--min-worker-port",
+        "--max-worker-port",
+    )
+    assert not [a for a in unpinned if a.startswith(pinned_options)]  # Ray picks them
+    settings = NodeSettings(
+        node_manager_port=6380,
+        object_manager_port=6381,
+        metrics_export_port=52368,
+        dashboard_agent_grpc_port=52366,
+        runtime_env_agent_port=52367,
+        min_worker_port=10002,
+        max_worker_port=10999,
+    )
+    for address in (None, "10.0.0.2:6379"):  # the head and a worker alike
+        cmd = ray_start_command(offer, settings, address=address)
+        assert [a for a in cmd if a.startswith(pinned_options)] == [
+            "--node-manager-port=6380",
+            "--object-manager-port=6381",
+            "--metrics-export-port=52368",
+            "--dashboard-agent-grpc-port=52366",
+            "--runtime-env-agent-port=52367",
+            "--min-worker-port=10002",
+            "--max-worker-port=10999",
+        ]
+        assert cmd[-1] == "--block"
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        ({"min_worker_port": 10002}, "set min_worker_port and max_worker_port together"),
+        ({"max_worker_port": 19999}, "set min_worker_port and max_worker_port together"),
+        ({"min_worker_port": 12000, "max_worker_port": 11000}, "12000 is above max_worker_port"),
+    ],
+)
+def test_half_a_worker_port_range_is_refused(ports, message):
+    with pytest.raises(ValueError, match=message):
+        NodeSettings(**ports)
+
+
 @pytest.mark.parametrize(
     ("text", "label"),
     [
