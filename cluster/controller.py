@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +63,9 @@ TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
 # A replica's load report older than this is from a replica that is gone.
 REPORT_STALE = 3 * REPORT_HEARTBEAT + 1.0
 EVENTS_KEPT = 500
+# The reason category /metrics counts each autoscaler decision by (a short, fixed vocabulary;
+# the event's free text says more).
+DECISION_CATEGORY = {"scale_up": "high_load", "scale_down": "low_load", "expire": "keep_alive"}
 MIB = 1024**2
 # Ray sets CUDA_VISIBLE_DEVICES="" for actors that ask for no GPU; a placement
 # with GPU layers must see its node's GPUs (VRAM is counted by ``vram_mib``).
@@ -113,6 +116,8 @@ class Controller:
         # model -> (when, keep_alive): loads asked without a request (Ollama's empty prompt)
         self._touched: dict[str, tuple[float, float | None]] = {}
         self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        # (kind, model, node, category) -> events since the controller started, for /metrics
+        self._event_counts: Counter[tuple[str, str, str, str]] = Counter()
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._changing = asyncio.Lock()  # one change of placements at a time
         self._inventory = InventoryMonitor()
@@ -208,7 +213,7 @@ class Controller:
         total = sum(q.replicas for q in self._placements.values() if q.model == d.model)
         gone = await self._unload([(p, total - d.replicas)], d.reason)
         if gone:
-            self._event(d.op, d.model, p.node, d.reason)
+            self._event(d.op, d.model, p.node, d.reason, DECISION_CATEGORY[d.op])
 
     async def _scale_up(self, d: Decision) -> None:
         spec = self._spec_of(d.model)
@@ -224,7 +229,9 @@ class Controller:
         failed = await self._execute(changes)
         for c in changes:
             if _label(c.placement) not in failed:
-                self._event("scale_up", d.model, c.placement.node, d.reason)
+                self._event(
+                    "scale_up", d.model, c.placement.node, d.reason, DECISION_CATEGORY[d.op]
+                )
 
     async def _unload(
         self, cuts: Sequence[tuple[Placement, int]], reason: str, *, asked: bool = False
@@ -263,18 +270,71 @@ class Controller:
         if not any(model == key[0] for model, _ in self._placements):
             self._touched.pop(key[0], None)
 
-    def _event(self, kind: str, model: str, node: str, reason: str) -> None:
-        """Record (and log) a cold start, eviction, scale or unload with its reason."""
+    def _event(self, kind: str, model: str, node: str, reason: str, category: str) -> None:
+        """Record (and log) a cold start, eviction, scale or unload with its reason: free text
+        for people, and a ``category`` from a short fixed vocabulary for /metrics."""
         log.info("%s: %s on %s: %s", kind, model, node, reason)
         self._events.append(
-            {"time": time.time(), "kind": kind, "model": model, "node": node, "reason": reason}
+            {
+                "time": time.time(),
+                "kind": kind,
+                "model": model,
+                "node": node,
+                "reason": reason,
+                "category": category,
+            }
         )
+        self._event_counts[kind, model, node, category] += 1
 
     async def events(self, since: float = 0.0) -> list[dict]:
         """Recent cold starts, evictions, scalings and unloads, oldest first."""
         return [e for e in self._events if e["time"] >= since]
 
     # -- what clients and the CLI ask -------------------------------------------
+
+    async def metrics(self) -> dict[str, Any]:
+        """The cluster's state for /metrics (``ModelBackend.cluster_metrics`` says the shape).
+
+        Only what the controller already holds: the replicas' last load reports, the
+        inventory's last probes and its event counts; a scrape must stay cheap.
+        """
+        now = time.monotonic()
+        placements = []
+        for p in sorted(self._placements.values(), key=lambda p: p.key):
+            loads = [load for _, load in self._fresh_reports(app_name_for(*p.key), now)]
+            placements.append(
+                {
+                    "model": p.model,
+                    "node": p.node,
+                    "replicas": p.replicas,
+                    "in_flight": sum(load.in_flight for load in loads),
+                    "queued": sum(load.queued for load in loads),
+                }
+            )
+        nodes, seen = [], set()
+        for s in self._inventory.snapshot():
+            if s.name in seen:  # a box that rejoined and left again: its first row is kept
+                continue
+            seen.add(s.name)
+            mine = [p for p in self._placements.values() if p.node == s.name]
+            up, probed = s.state == "up", s.ram_total is not None
+            nodes.append(
+                {
+                    "name": s.name,
+                    "up": up,
+                    "placements": len(mine),
+                    "replicas": sum(p.replicas for p in mine),
+                    "ram_total": s.ram_total if up else None,
+                    "ram_used": s.ram_used if up else None,
+                    "vram_total": sum(g.vram_total for g in s.gpus) if up and probed else None,
+                    "vram_used": sum(g.vram_used for g in s.gpus) if up and probed else None,
+                }
+            )
+        events = [
+            {"kind": kind, "model": model, "node": node, "reason": category, "count": n}
+            for (kind, model, node, category), n in sorted(self._event_counts.items())
+        ]
+        return {"placements": placements, "nodes": nodes, "events": events}
 
     async def nodes(self) -> list[dict]:
         """Every node with its hardware, live use and models (JSON-ready)."""
@@ -325,7 +385,7 @@ class Controller:
     async def load_model(self, model: str, keep_alive: float | None = None) -> None:
         """Make sure ``model`` runs (Ollama's empty prompt); counts as a use of it that asks
         for ``keep_alive`` (None: the model's own)."""
-        await self.ensure(model)
+        await self.ensure(model, cause="load")
         self._touched[normalize_name(model)] = (time.monotonic(), keep_alive)
 
     async def unload_model(self, model: str) -> bool:
@@ -345,7 +405,7 @@ class Controller:
                     total -= n
             gone = await self._unload(cuts, "asked to unload", asked=True) if cuts else []
         for p in gone:
-            self._event("unload", p.model, p.node, "asked to unload (keep_alive 0)")
+            self._event("unload", p.model, p.node, "asked to unload (keep_alive 0)", "asked")
         if name not in self._declared and not self._apps_of(name):
             self._on_demand.discard(name)
         return bool(gone)
@@ -396,17 +456,18 @@ class Controller:
             )
         return rows
 
-    async def ensure(self, model: str) -> list[Route]:
+    async def ensure(self, model: str, cause: str = "request") -> list[Route]:
         """The placements serving ``model`` with their load, loading one if it has none.
 
-        Concurrent calls for the same cold model wait on one load.
+        Concurrent calls for the same cold model wait on one load. ``cause`` is why a load
+        counts as a cold start: a ``request``, or Ollama's ``load`` (an empty prompt).
         """
         name = normalize_name(model)
         if not self._apps_of(name):
             await asyncio.to_thread(self._model_file, name)  # ModelNotFound
             task = self._loading.get(name)
             if task is None:
-                task = asyncio.create_task(self._cold_start(name))
+                task = asyncio.create_task(self._cold_start(name, cause))
                 self._loading[name] = task
                 task.add_done_callback(lambda _: self._loading.pop(name, None))
             await asyncio.shield(task)
@@ -536,7 +597,7 @@ class Controller:
         )
         return [_plan_node(s) for s in statuses if LABEL_NODE in s.labels]
 
-    async def _cold_start(self, name: str) -> None:
+    async def _cold_start(self, name: str, cause: str) -> None:
         async with self._changing:
             if self._apps_of(name):
                 return
@@ -581,7 +642,9 @@ class Controller:
                 self._on_demand.add(name)
             took = time.monotonic() - started
             for c in new:
-                self._event("load", name, c.placement.node, f"requested; ready in {took:.1f}s")
+                self._event(
+                    "load", name, c.placement.node, f"requested; ready in {took:.1f}s", cause
+                )
 
     async def _make_room(self, name: str, attempt, placed) -> None:
         """Evict the least recently used idle placements until ``name`` fits (see
@@ -605,7 +668,11 @@ class Controller:
         for p in await self._unload(cuts, why):
             victim = next(v for v in victims if v.key == p.key)
             self._event(
-                "evict", p.model, p.node, f"{why}; least recently used: {victim.describe(now)}"
+                "evict",
+                p.model,
+                p.node,
+                f"{why}; least recently used: {victim.describe(now)}",
+                "make_room",
             )
 
     # -- making it so ----------------------------------------------------------

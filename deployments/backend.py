@@ -103,6 +103,20 @@ class ModelBackend(Protocol):
         """What runs where: every placement with its node, settings and memory (JSON-ready)."""
         ...
 
+    # -- /metrics (deployments/metrics.py) --
+
+    async def cluster_metrics(self) -> dict[str, Any]:
+        """The cluster's state for a scrape, from what the controller already holds (JSON-ready):
+        ``placements`` (model, node, replicas, in_flight, queued), ``nodes`` (name, up,
+        placements, replicas, ram_total, ram_used, vram_total, vram_used in bytes; None where
+        unknown) and ``events`` (kind, model, node, reason: the event's category, count: the
+        total since the controller started)."""
+        ...
+
+    def requests_in_flight(self) -> dict[tuple[str, str], int]:
+        """(model, node) -> requests this process has sent to that placement and not seen end."""
+        ...
+
 
 class ServeBackend:
     """``ModelBackend`` over the controller actor and Serve replica handles.
@@ -135,6 +149,8 @@ class ServeBackend:
         self._refreshing: dict[str, asyncio.Task[list[Route]]] = {}
         self._handles: dict[str, DeploymentHandle] = {}
         self._in_flight: dict[str, int] = {}  # app -> requests this ingress has on it
+        # app -> (model, node) of every placement routed to (bounded: one app per pair)
+        self._placed: dict[str, tuple[str, str]] = {}
         self._seconds_per_request: dict[str, float] = {}  # model -> moving average
 
     def _controller(self) -> ActorHandle:
@@ -174,6 +190,7 @@ class ServeBackend:
                 f"The model '{model}' has no replica right now.", retry_after=1
             )
         self._routes[model] = (time.monotonic(), routes)
+        self._placed.update((r.app, (normalize_name(model), r.node)) for r in routes)
         live = {r.app for _, known in self._routes.values() for r in known}
         for app in [a for a in self._handles if a not in live]:
             del self._handles[app]
@@ -242,6 +259,12 @@ class ServeBackend:
 
     async def cluster_placements(self) -> list[dict[str, Any]]:
         return await self._controller().placements.remote()
+
+    async def cluster_metrics(self) -> dict[str, Any]:
+        return await self._controller().metrics.remote()
+
+    def requests_in_flight(self) -> dict[tuple[str, str], int]:
+        return {self._placed[app]: n for app, n in self._in_flight.items()}
 
     # -- the model library: the controller keeps it; blobs are read and written here, on
     # the head's disk, so that large files never travel through Ray's object store.

@@ -1,19 +1,28 @@
-"""What every API does with a generation, whatever its wire format.
+"""What every API does with a generation or an embedding, whatever its wire format.
 
 ``open_generation`` starts one and waits until the replica admits it, so that
 the errors found up front (unknown model, prompt too long, load failure) raise
 before any byte of the response is sent and become ordinary HTTP errors.
-``gather`` collects a whole answer for the non-streaming responses.
+``gather`` collects a whole answer for the non-streaming responses; ``embed``
+returns vectors or raises the replica's refusal.
+
+Both APIs come through here, so this is where the metrics of a generation are
+recorded (``deployments/metrics.py``): its time to first token, counted from
+the request's arrival, its tokens and its decode speed, whether it is streamed
+or gathered.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from deployments.backend import ModelBackend
+from deployments.context import current_request
+from deployments.metrics import ApiMetrics, recording
 from deployments.replica import Admitted, Refused, StreamEvent
-from nodes.engine import Finished, GenerateRequest, TextDelta
+from nodes.engine import Embeddings, Finished, GenerateRequest, TextDelta
 
 Stream = AsyncIterator[list[StreamEvent]]
 
@@ -28,6 +37,8 @@ class Result:
 
 async def open_generation(backend: ModelBackend, model: str, greq: GenerateRequest) -> Stream:
     """The generation's stream, once its first event says the replica admitted it."""
+    ctx = current_request()
+    started = ctx.started if ctx is not None else time.perf_counter()
     stream = backend.generate(model, greq)
     try:
         first = await anext(stream)
@@ -35,11 +46,43 @@ async def open_generation(backend: ModelBackend, model: str, greq: GenerateReque
         await stream.aclose()
         raise
     if first and isinstance(first[0], Admitted):
-        return stream
+        metrics = recording()
+        return stream if metrics is None else _Measured(stream, metrics, model, started)
     await stream.aclose()
     if first and isinstance(first[0], Refused):
         raise first[0].error
     raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
+
+
+class _Measured:
+    """A generation's stream that records its metrics as its events pass.
+
+    A class rather than an async generator so that ``aclose`` reaches the
+    backend's stream (and so cancels the generation) even if nobody iterated.
+    """
+
+    def __init__(self, stream: Stream, metrics: ApiMetrics, model: str, started: float) -> None:
+        self._stream = stream
+        self._metrics = metrics
+        self._model = model
+        self._started = started  # perf_counter() when the request arrived
+        self._output_seen = False
+
+    def __aiter__(self) -> _Measured:
+        return self
+
+    async def __anext__(self) -> list[StreamEvent]:
+        batch = await anext(self._stream)
+        for event in batch:
+            if isinstance(event, TextDelta | Finished) and not self._output_seen:
+                self._output_seen = True
+                self._metrics.first_token(self._model, time.perf_counter() - self._started)
+            if isinstance(event, Finished):
+                self._metrics.finished(self._model, event)
+        return batch
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def gather(stream: Stream) -> Result:
@@ -58,3 +101,15 @@ async def gather(stream: Stream) -> Result:
     if finished is None:
         raise RuntimeError("the replica's stream ended without a Finished event")
     return Result(text="".join(parts), finished=finished)
+
+
+async def embed(
+    backend: ModelBackend, model: str, texts: Sequence[str], keep_alive: float | None
+) -> Embeddings:
+    """One vector per text; the replica's refusal (input it cannot take) raises."""
+    result = await backend.embed(model, texts, keep_alive)
+    if isinstance(result, Refused):
+        raise result.error
+    if (metrics := recording()) is not None:
+        metrics.embedded(model, result.prompt_tokens)
+    return result

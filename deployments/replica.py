@@ -87,6 +87,11 @@ class ReplicaLoad:
     def in_flight(self) -> int:
         return sum(self.pending.values())
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting behind the one running: a replica runs one at a time."""
+        return max(0, self.in_flight - 1)
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicaStats:

@@ -34,12 +34,11 @@ from pydantic import BaseModel
 
 from deployments.backend import ModelBackend
 from deployments.errors import classify
-from deployments.generation import gather, open_generation
+from deployments.generation import embed, gather, open_generation
 from deployments.ollama import protocol as p
-from deployments.replica import Refused, StreamEvent
+from deployments.replica import StreamEvent
 from nodes.engine import (
     ChatMessage,
-    Embeddings,
     Finished,
     GenerateRequest,
     SamplingParams,
@@ -184,7 +183,7 @@ class OllamaServing:
             await self._backend.load_model(name, req.keep_alive)
             vectors, tokens = [], 0
         else:
-            result = await self._embed(name, texts, req.keep_alive)
+            result = await embed(self._backend, name, texts, req.keep_alive)
             vectors = [shorten(v, req.dimensions) for v in result.vectors]
             tokens = result.prompt_tokens
         return p.EmbedResponse(
@@ -202,14 +201,8 @@ class OllamaServing:
         if not req.prompt:
             await self._backend.load_model(name, req.keep_alive)
             return p.EmbeddingsResponse(embedding=[])
-        result = await self._embed(name, [req.prompt], req.keep_alive)
+        result = await embed(self._backend, name, [req.prompt], req.keep_alive)
         return p.EmbeddingsResponse(embedding=result.vectors[0])
-
-    async def _embed(self, name: str, texts: list[str], keep_alive: float | None) -> Embeddings:
-        result = await self._backend.embed(name, texts, keep_alive)
-        if isinstance(result, Refused):
-            raise result.error
-        return result
 
     # -- the library --------------------------------------------------------------------
 

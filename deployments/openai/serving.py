@@ -22,9 +22,9 @@ from pydantic import BaseModel
 
 from deployments.backend import ModelBackend
 from deployments.errors import openai_sse_error
-from deployments.generation import gather, open_generation
+from deployments.generation import embed, gather, open_generation
 from deployments.openai import protocol as p
-from deployments.replica import Refused, StreamEvent
+from deployments.replica import StreamEvent
 from nodes.engine import (
     ChatMessage,
     Finished,
@@ -107,9 +107,7 @@ class OpenAIServing:
     async def embeddings(self, req: p.EmbeddingRequest) -> p.EmbeddingResponse:
         _log_ignored(req)
         texts = embedding_inputs(req)
-        result = await self._backend.embed(req.model, texts, req.keep_alive)
-        if isinstance(result, Refused):
-            raise result.error
+        result = await embed(self._backend, req.model, texts, req.keep_alive)
         data = [
             p.EmbeddingData(index=i, embedding=_encode_vector(v, req.encoding_format))
             for i, v in enumerate(result.vectors)

@@ -8,6 +8,9 @@ The model library is kept in memory, enough to test the Ollama routes: a
 model created or copied runs on its source's engine settings; a pull fetches
 nothing and yields Ollama's progress objects for a model of ``registry``;
 blobs live as files in ``blob_dir``.
+
+For /metrics it is one node, ``local``, with one placement per loaded model,
+and counts its loads and unloads as the controller counts its events.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from deployments.replica import ModelReplica, Refused, StreamEvent
 from nodes.engine import Embeddings, EngineSpec, GenerateRequest, load_engine
@@ -27,6 +33,7 @@ from nodes.gguf import read_gguf
 from nodes.models import LocalModel, check_name
 
 DEFAULT_KEEP_ALIVE = 300.0  # seconds, Ollama's 5m
+NODE = "local"  # the one node of this backend's "cluster"
 
 
 class LocalBackend:
@@ -47,12 +54,15 @@ class LocalBackend:
         self.models.update({m.name: m for m in models})
         self.registry = dict(registry or {})
         self.blob_dir = blob_dir
+        self.events: Counter[tuple[str, str, str]] = Counter()  # (kind, model, reason) -> n
 
-    def replica(self, model: str) -> ModelReplica:
+    def replica(self, model: str, cause: str = "request") -> ModelReplica:
+        """``model``'s replica, loaded now if it has none (a cold start for ``cause``)."""
         if model not in self.specs:
             raise ModelNotFound(model)
         if model not in self.replicas:
             self.replicas[model] = ModelReplica(load_engine(self.specs[model]))
+            self.events["load", model, cause] += 1
         return self.replicas[model]
 
     async def list_models(self) -> list[LocalModel]:
@@ -84,7 +94,7 @@ class LocalBackend:
             expires_at = time.time() + keep_alive - load.idle_for
         return {
             "model": name,
-            "node": "local",
+            "node": NODE,
             "replicas": 1,
             "in_flight": load.in_flight,
             "idle_for": load.idle_for,
@@ -95,6 +105,44 @@ class LocalBackend:
             "context": self.specs[name].n_ctx,
             "status": "RUNNING",
         }
+
+    # -- /metrics -------------------------------------------------------------------------
+
+    async def cluster_metrics(self) -> dict[str, Any]:
+        """Shaped as the controller's: this process's replicas, on this box's memory."""
+        loads = {name: replica.load() for name, replica in self.replicas.items()}
+        memory = psutil.virtual_memory()
+        return {
+            "placements": [
+                {
+                    "model": name,
+                    "node": NODE,
+                    "replicas": 1,
+                    "in_flight": load.in_flight,
+                    "queued": load.queued,
+                }
+                for name, load in loads.items()
+            ],
+            "nodes": [
+                {
+                    "name": NODE,
+                    "up": True,
+                    "placements": len(loads),
+                    "replicas": len(loads),
+                    "ram_total": memory.total,
+                    "ram_used": memory.total - memory.available,
+                    "vram_total": 0,
+                    "vram_used": 0,
+                }
+            ],
+            "events": [
+                {"kind": kind, "model": model, "node": NODE, "reason": reason, "count": n}
+                for (kind, model, reason), n in sorted(self.events.items())
+            ],
+        }
+
+    def requests_in_flight(self) -> dict[tuple[str, str], int]:
+        return {(name, NODE): r.load().in_flight for name, r in self.replicas.items()}
 
     # -- the model library ---------------------------------------------------------------
 
@@ -178,10 +226,13 @@ class LocalBackend:
         self.replicas.pop(name, None)
 
     async def load_model(self, model: str, keep_alive: float | None = None) -> None:
-        self.replica(model)
+        self.replica(model, cause="load")
 
     async def unload_model(self, model: str) -> bool:
-        return self.replicas.pop(model, None) is not None
+        if self.replicas.pop(model, None) is None:
+            return False
+        self.events["unload", model, "asked"] += 1
+        return True
 
     async def blob_file(self, digest: str) -> str | None:
         path = self.blob_dir and Path(self.blob_dir, digest.replace(":", "-"))
