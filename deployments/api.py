@@ -21,7 +21,13 @@ from deployments.cluster_api import cluster_router
 from deployments.context import RequestIds, note_route
 from deployments.errors import ApiError, classify, openai_body
 from deployments.metrics import ApiMetrics, RequestMetrics, metrics_router
-from deployments.middleware import AccessLog, CancelOnDisconnect, HttpMiddleware, JsonBodies
+from deployments.middleware import (
+    AccessLog,
+    CancelOnDisconnect,
+    HttpMiddleware,
+    JsonBodies,
+    SentStatus,
+)
 from deployments.ollama.api import ollama_router
 from deployments.ollama.serving import OllamaServing
 from deployments.openai.api import openai_router
@@ -94,17 +100,11 @@ class _LastResort(HttpMiddleware):
     first. Once a response has begun (a stream), the exception ends it instead."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracked(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        sent = SentStatus(send)
         try:
-            await self.app(scope, receive, tracked)
+            await self.app(scope, receive, sent)
         except Exception as exc:
-            if started:
+            if sent.status:
                 raise
             await error_response(scope["path"], classify(exc))(scope, receive, send)
 

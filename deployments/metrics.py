@@ -50,11 +50,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.routing import BaseRoute, compile_path, get_route_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.backend import ModelBackend
 from deployments.context import current_request
-from deployments.middleware import HttpMiddleware
+from deployments.middleware import HttpMiddleware, SentStatus
 from nodes.engine import Finished
 from nodes.models import normalize_name
 
@@ -345,23 +345,20 @@ class RequestMetrics(HttpMiddleware):
         self.metrics = metrics
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status = 0
-
-        async def counted_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        sent = SentStatus(send)
+        failed = False
         token = _recording.set(self.metrics)
         try:
-            await self.app(scope, receive, counted_send)
+            await self.app(scope, receive, sent)
         except Exception:
-            status = status or 500  # what the last-resort handler outside answers
+            failed = True
             raise
         finally:
             _recording.reset(token)
-            self.metrics.count_request(scope, status or CLIENT_CLOSED)
+            # Nothing sent: a 500 if it failed (what the last-resort handler outside
+            # answers), else the client left first.
+            status = sent.status or (500 if failed else CLIENT_CLOSED)
+            self.metrics.count_request(scope, status)
 
 
 def metrics_router(backend: ModelBackend, metrics: ApiMetrics) -> APIRouter:

@@ -30,6 +30,19 @@ class HttpMiddleware(ABC):
         """Serve one HTTP request through ``self.app``."""
 
 
+class SentStatus:
+    """A ``send`` that remembers the status of the response once it has started (0: not yet)."""
+
+    def __init__(self, send: Send) -> None:
+        self.status = 0
+        self._send = send
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+
 class JsonBodies(HttpMiddleware):
     """Read every API body as JSON, whatever Content-Type the client sent.
 
@@ -53,19 +66,13 @@ class AccessLog(HttpMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        status = 0
-
-        async def logged_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        sent = SentStatus(send)
         try:
-            await self.app(scope, receive, logged_send)
+            await self.app(scope, receive, sent)
         finally:
             ms = 1000 * (time.perf_counter() - started)
-            access_log.debug("%s %s %s %.1fms", scope["method"], scope["path"], status or "-", ms)
+            status = sent.status or "-"
+            access_log.debug("%s %s %s %.1fms", scope["method"], scope["path"], status, ms)
 
 
 class CancelOnDisconnect(HttpMiddleware):
