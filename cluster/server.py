@@ -102,6 +102,7 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
             models=str(settings.models_path),
             keys=str(keys_path(settings.state_path)),
             auth_required=settings.auth.required,
+            max_body=settings.max_body,
         )
         serve.run(ingress_app(config, node_labels=here), name=INGRESS_APP, route_prefix=None)
         _wait_until_answering(running.url, timeout=60)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
 from cluster import yamlfile
@@ -90,6 +90,12 @@ class CorralSettings(BaseSettings):
         gt=0,
         description="Seconds a request waits for its model to load (a cold start) before it "
         "fails with 503; the load itself goes on.",
+    )
+    max_body: ByteSize = Field(
+        default=ByteSize(32 * 1024**2),
+        ge=1024,
+        description="The largest request body the API reads, e.g. 32MiB; larger ones get 413. "
+        "Model uploads (/api/blobs) are not limited.",
     )
     routing: Strategy = Field(
         default="least_loaded",

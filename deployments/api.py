@@ -23,6 +23,7 @@ from deployments.errors import ApiError, classify, openai_body
 from deployments.metrics import ApiMetrics, RequestMetrics, metrics_router
 from deployments.middleware import (
     AccessLog,
+    BodyLimit,
     CancelOnDisconnect,
     HttpMiddleware,
     JsonBodies,
@@ -37,6 +38,7 @@ from nodes.errors import CorralError
 log = logging.getLogger("corral.api")
 
 RUNNING = "Corral is running"
+DEFAULT_MAX_BODY = 32 * 1024**2  # bytes: a million-token prompt is about 4 MB of JSON
 
 
 def build_api(
@@ -45,9 +47,11 @@ def build_api(
     version: str = "dev",
     keyring: Keyring | None = None,
     metrics: ApiMetrics | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> FastAPI:
     """The FastAPI app serving ``backend``; ``keyring`` says which API keys it takes
-    (None: no keys, every request is served)."""
+    (None: no keys, every request is served); ``max_body`` is the largest request body
+    in bytes (model uploads excepted)."""
     app = FastAPI(
         title="Corral",
         version=version,
@@ -69,9 +73,11 @@ def build_api(
         return RUNNING
 
     # Outermost last: ids for every response, then the last-resort 500 (so it carries
-    # the id and the route's shape), metrics and the access log, the key check, ...
+    # the id and the route's shape), metrics and the access log, the key check (before
+    # any body is read), the body limit, ...
     app.add_middleware(JsonBodies)
     app.add_middleware(CancelOnDisconnect)
+    app.add_middleware(BodyLimit, limit=max_body, render=error_response)
     app.add_middleware(Authenticate, keyring=keyring, render=error_response)
     app.add_middleware(AccessLog)
     app.add_middleware(RequestMetrics, metrics=metrics)

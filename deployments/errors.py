@@ -62,6 +62,7 @@ _KINDS: dict[str, tuple[int, str, str | None]] = {
     # API keys (deployments/auth.py): OpenAI's own codes for these.
     "unauthorized": (401, "invalid_request_error", "invalid_api_key"),
     "forbidden": (403, "invalid_request_error", "model_not_allowed"),
+    "too_large": (413, "invalid_request_error", "request_too_large"),
 }
 
 INTERNAL = ApiError(500, "The server had an error while processing your request.", "server_error")

@@ -24,7 +24,7 @@ import uvicorn
 from ray import serve
 from ray.serve.deployment import Application
 
-from deployments.api import build_api
+from deployments.api import DEFAULT_MAX_BODY, build_api
 from deployments.auth import Keyring
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ServeBackend
 from deployments.routing import Strategy
@@ -50,6 +50,7 @@ class IngressConfig:
     models: str = ""  # the model store's root on this box (the head): blobs up and down
     keys: str = ""  # the API key file (deployments/auth.py); "" : no keys
     auth_required: bool = False  # a key even before any exists
+    max_body: int = DEFAULT_MAX_BODY  # bytes of a request body, model uploads excepted
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -89,7 +90,7 @@ class Ingress:
             required=config.auth_required,
             node_key=node_api_key(),
         )
-        app = build_api(backend, version=config.version, keyring=keyring)
+        app = build_api(backend, version=config.version, keyring=keyring, max_body=config.max_body)
         self._server = _EmbeddedServer(
             uvicorn.Config(
                 app,

@@ -1,4 +1,5 @@
-"""ASGI middleware of the HTTP app: lenient JSON bodies, access log, cancel on disconnect."""
+"""ASGI middleware of the HTTP app: lenient JSON bodies, a body size limit, access log,
+cancel on disconnect."""
 
 from __future__ import annotations
 
@@ -6,8 +7,13 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deployments.errors import ApiError, classify
+from nodes.errors import CorralError
 
 log = logging.getLogger("corral.api")
 access_log = logging.getLogger("corral.access")
@@ -55,6 +61,74 @@ class JsonBodies(HttpMiddleware):
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
+
+
+class BodyTooLarge(CorralError):
+    """A request body over the limit (413)."""
+
+    kind = "too_large"
+
+
+# Routes whose bodies are model files, streamed to disk: no size limit.
+UNLIMITED_BODIES = ("/api/blobs/",)
+
+
+class BodyLimit(HttpMiddleware):
+    """Refuse (413) a request body larger than ``limit`` bytes before any route reads it.
+
+    A body whose Content-Length is over the limit is refused unread; one sent
+    without a length (chunked) is read up to the limit and refused there. The
+    routes parse whole JSON bodies anyway, so reading the body here costs no
+    memory they would not spend; it is then handed on as one message. Model
+    uploads (``/api/blobs``) stream to disk and are exempt.
+    """
+
+    def __init__(
+        self, app: ASGIApp, limit: int, render: Callable[[str, ApiError], Response]
+    ) -> None:
+        super().__init__(app)
+        self.limit = limit
+        self.render = render
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if scope["method"] in ("GET", "HEAD") or path.startswith(UNLIMITED_BODIES):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left while sending
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body_sent = False
+
+        async def replay() -> Message:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # after the body: the client's disconnect
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = BodyTooLarge(
+            f"The request body is larger than this server takes ({self.limit:,} bytes); "
+            f"send less, or raise max_body in the server's settings."
+        )
+        await self.render(scope["path"], classify(error))(scope, receive, send)
 
 
 class AccessLog(HttpMiddleware):
