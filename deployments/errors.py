@@ -102,7 +102,10 @@ def _validation_error(errors: Any) -> ApiError:
     if err.get("type") == "json_invalid":
         ctx = err.get("ctx", {}).get("error", "")
         return ApiError(400, f"The request body is not valid JSON: {ctx}".rstrip(": "))
-    if err.get("type") == "model_attributes_type" or (not loc and "dict" in err.get("msg", "")):
+    # FastAPI's bodies fail as model_attributes_type or dict_type; a body read with
+    # model_validate_json (DELETE /api/delete) as model_type.
+    not_object = err.get("type") == "model_type" or "dict" in err.get("msg", "")
+    if err.get("type") == "model_attributes_type" or (not loc and not_object):
         return ApiError(400, "The request body must be a JSON object.")
     param = ".".join(loc) or None
     msg = err.get("msg", "invalid value")

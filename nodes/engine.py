@@ -35,6 +35,18 @@ class ChatMessage:
     content: str
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+INT32_MAX = 2**31 - 1
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop. Defaults are llama.cpp's own."""
@@ -54,6 +66,33 @@ class SamplingParams:
     # Ollama's options.num_ctx: the most tokens (prompt + reply) this request may use.
     # The replica's context is fixed when it loads, so a larger value changes nothing.
     num_ctx: int | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse what no sampler can take, clamp what only means "no limit".
+
+        llama.cpp samples with 32-bit floats and a 32-bit ``top_k``: a number beyond
+        them would reach it as inf, NaN or a truncated value, so it is a 400 that
+        names the field (as Ollama, decoding into float32, refuses it too).
+        """
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not abs(value) <= FLOAT32_MAX:  # also NaN, inf, and ints beyond any float
+                raise InvalidRequest(
+                    f"{name} must be a finite number of at most {FLOAT32_MAX:.4g} in size, "
+                    f"not {value}.",
+                    param=name,
+                )
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise InvalidRequest(
+                f"seed must be a 64-bit integer (from {-(2**63)} to {2**63 - 1}).",
+                param="seed",
+            )
+        if self.num_ctx is not None and self.num_ctx < 1:
+            raise InvalidRequest(
+                f"num_ctx must be at least 1 token, not {self.num_ctx}.", param="num_ctx"
+            )
+        if self.top_k > INT32_MAX:  # more candidates than any vocabulary: all of them
+            object.__setattr__(self, "top_k", INT32_MAX)
 
     def context(self, n_ctx: int) -> int:
         """The context window this request may use on a replica with ``n_ctx``."""

@@ -15,9 +15,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 
-from deployments.openai.protocol import KeepAlive
+from deployments.openai.protocol import KeepAlive, refuse_lone_surrogates
 
 # Ollama lower-cases roles before it looks at them ("User" is "user").
 Role = Annotated[
@@ -32,6 +39,11 @@ class OllamaRequest(BaseModel):
     """Base for request bodies: unknown fields are kept (and logged), not refused."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: Any) -> Any:
+        return refuse_lone_surrogates(data)
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})

@@ -38,6 +38,7 @@ from deployments.generation import embed, gather, open_generation
 from deployments.ollama import protocol as p
 from deployments.replica import StreamEvent
 from nodes.engine import (
+    FLOAT32_MAX,
     ChatMessage,
     Finished,
     GenerateRequest,
@@ -384,14 +385,18 @@ def sampling_params(
     if values.get("seed", 0) < 0:  # Ollama's -1: a random seed
         del values["seed"]
     json_mode, json_schema = output_format(fmt)
-    return SamplingParams(
-        # -1 (no limit) and -2 (fill the context) both run to the context's end
-        max_tokens=None if num_predict is None or num_predict < 0 else num_predict,
-        stop=tuple(values.pop("stop", ())),
-        json_mode=json_mode,
-        json_schema=json_schema,
-        **values,
-    )
+    try:
+        return SamplingParams(
+            # -1 (no limit) and -2 (fill the context) both run to the context's end
+            max_tokens=None if num_predict is None or num_predict < 0 else num_predict,
+            stop=tuple(values.pop("stop", ())),
+            json_mode=json_mode,
+            json_schema=json_schema,
+            **values,
+        )
+    except InvalidRequest as exc:  # a value no sampler takes: name it as the client sent it
+        rest = exc.message.removeprefix(str(exc.param))
+        raise InvalidRequest(f"option {exc.param!r}{rest}", param=f"options.{exc.param}") from None
 
 
 def output_format(fmt: Any) -> tuple[bool, dict[str, Any] | None]:
@@ -479,10 +484,17 @@ def _option(key: str, value: Any) -> Any:
     """An option's value, typed as Ollama types it (a JSON number may be 3 or 3.0)."""
     kind = _OPTIONS[key]
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    if kind == _INTEGER and number and math.isfinite(value):
+    # (isfinite would take an int beyond any float, 10**400, as an overflow)
+    if kind == _INTEGER and number and (isinstance(value, int) or math.isfinite(value)):
         return int(value)
     if kind == _NUMBER and number:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float (10**400)
+            raise InvalidRequest(
+                f"option {key!r} must be a number of at most {FLOAT32_MAX:.4g} in size.",
+                param=f"options.{key}",
+            ) from None
     if kind == _STRINGS and isinstance(value, str):
         return [value]
     if kind == _STRINGS and isinstance(value, list) and all(isinstance(s, str) for s in value):

@@ -17,9 +17,11 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
+    model_validator,
 )
 
 from nodes.durations import parse_duration
+from nodes.errors import InvalidRequest
 
 # Ollama's keep_alive ("5m", 300, 0, -1), accepted on OpenAI routes as an extension.
 KeepAlive = Annotated[
@@ -29,10 +31,46 @@ KeepAlive = Annotated[
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
+def refuse_lone_surrogates(data: Any) -> Any:
+    """``data`` unchanged; ``InvalidRequest`` naming the first string that is not Unicode text.
+
+    JSON may escape half of a UTF-16 pair ("\\ud800"); Python decodes it into a
+    string that no encoder takes, so it would fail deep inside an engine. It is
+    refused here, with the path of the field, for every request body.
+    """
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:  # not recursive: a body may nest as deep as the JSON parser allows
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode()
+                except UnicodeEncodeError:
+                    where = f"'{path}'" if path else "The body"
+                    raise InvalidRequest(
+                        f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                        f"escape), which is not text. Send valid Unicode.",
+                        param=path or None,
+                    ) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = str(key).encode(errors="backslashreplace").decode()  # a bad key: \\udc00
+                at = f"{path}.{name}" if path else name
+                stack.extend([(key, at), (item, at)])
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
+    return data
+
+
 class OpenAIRequest(BaseModel):
     """Base for request bodies: unknown fields are kept (and logged), not refused."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def valid_unicode(cls, data: Any) -> Any:
+        return refuse_lone_surrogates(data)
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})

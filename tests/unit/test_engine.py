@@ -337,3 +337,25 @@ def test_max_new_tokens_is_capped_by_the_context():
     assert max_new_tokens(100, 512, None) == 412
     assert max_new_tokens(100, 512, 20) == 20
     assert max_new_tokens(100, 512, 10_000) == 412
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": math.inf}, "temperature"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"repeat_penalty": 1e39}, "repeat_penalty"),  # beyond llama.cpp's float32
+        ({"seed": 2**64}, "seed"),
+        ({"num_ctx": 0}, "num_ctx"),
+    ],
+)
+def test_sampling_params_refuse_what_no_sampler_takes(fields, param):
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams(**fields)
+    assert err.value.param == param and param in err.value.message
+
+
+def test_sampling_params_clamp_what_only_means_no_limit():
+    params = SamplingParams(max_tokens=2**80, num_ctx=2**80, top_k=2**80, seed=-(2**63))
+    assert params.top_k == 2**31 - 1  # llama.cpp's top_k is 32-bit: every candidate
+    assert params.context(4096) == 4096 and max_new_tokens(10, 4096, params.max_tokens) == 4086

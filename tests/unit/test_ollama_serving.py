@@ -125,6 +125,12 @@ def test_negative_num_predict_and_seed_mean_no_limit_and_a_random_seed(num_predi
         ({"num_predict": math.inf}, "options.num_predict"),
         ({"stop": [1, 2]}, "options.stop"),
         ({"stop": {"a": 1}}, "options.stop"),
+        # numbers no sampler takes: beyond a float (10**400), a float32, NaN, 64 bits
+        ({"num_ctx": 10**400, "temperature": 10**400}, "options.temperature"),
+        ({"top_p": 1e300}, "options.top_p"),
+        ({"min_p": math.nan}, "options.min_p"),
+        ({"seed": 2**80}, "options.seed"),
+        ({"num_ctx": 0}, "options.num_ctx"),
     ],
 )
 def test_options_of_the_wrong_type_are_refused_naming_the_option(options, param):

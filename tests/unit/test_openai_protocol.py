@@ -174,6 +174,13 @@ def test_validation_errors_name_the_field():
     assert error.status == 400 and error.param == "messages.0.role"
 
 
+def test_a_lone_surrogate_anywhere_is_refused_naming_the_field():
+    body = json.loads('{"model": "m", "messages": [{"role": "user", "content": "a \\ud800"}]}')
+    with pytest.raises(InvalidRequest) as err:
+        p.ChatCompletionRequest.model_validate(body)
+    assert err.value.param == "messages.0.content" and "surrogate" in err.value.message
+
+
 def test_unexpected_errors_are_500_without_internals():
     error = classify(KeyError("/secret/path"))
     assert error.status == 500 and "secret" not in error.message
