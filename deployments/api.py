@@ -38,6 +38,7 @@ from nodes.errors import CorralError
 log = logging.getLogger("corral.api")
 
 RUNNING = "Corral is running"
+FASTAPI_PARSE_ERROR = "There was an error parsing the body"
 DEFAULT_MAX_BODY = 32 * 1024**2  # bytes: a million-token prompt is about 4 MB of JSON
 
 
@@ -123,6 +124,12 @@ async def _http_error_handler(request: Request, exc: HTTPException) -> Response:
     # Starlette's own errors: unknown path (404), wrong method (405), ...
     if exc.status_code == 404:
         message = f"There is no route {request.method} {request.url.path}."
+    elif exc.status_code == 400 and exc.detail == FASTAPI_PARSE_ERROR:
+        # What FastAPI says when the JSON parser itself gives up (not a syntax error).
+        message = (
+            "The request body cannot be read as JSON: it nests too deeply or holds a number "
+            "too long to parse. Send a flatter body with ordinary numbers."
+        )
     else:
         message = str(exc.detail)
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"

@@ -450,6 +450,8 @@ def test_json_nested_10000_deep_is_400(url, http, route):
         response = send(http, url, method, path, body)
         record("hand-written", "nested 10000 deep", "", response.status_code)
         assert response.status_code == 400, response.text
+        if body.startswith(b"[") or body.startswith(b'{"a"'):  # the parser gives up
+            assert "nests too deeply" in response.text or "recursion limit" in response.text
     # ... and the server is still there
     response = send(http, url, "GET", "/api/version", None)
     assert response.status_code == 200
