@@ -429,7 +429,7 @@ class Store:
             old = self._read(ref)
         except ModelLoadFailed:
             old = None
-        _atomic_write(self._manifest_path(ref), data)
+        atomic_write(self._manifest_path(ref), data)
         if old is not None:
             self._drop_unreferenced(_digests(old[1]) - _digests(manifest))
 
@@ -557,7 +557,7 @@ def _mismatch(what: str, got: str, expected: str, error: type[CorralError]) -> C
     )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees the old file or the new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{_TMP_PREFIX}{secrets.token_hex(8)}")
