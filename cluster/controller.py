@@ -14,6 +14,15 @@ replica-count changes (through Serve's external-scaler API, which leaves the
 running replicas alone; deploying again would restart them all), then new and
 reloaded placements, all of them at once, each waited for until it runs or
 fails.
+
+Faults. A node that leaves the cluster takes its placements with it: the
+controller drops them from the routes at its next tick, and places what they
+ran where it fits (a ``lost`` event, then ``replace``; or ``not_replaced`` with
+the planner's reason, retried when a node joins). What the controller alone
+knows is saved to the state directory after every change (``cluster/state.py``);
+a controller that starts, or that Ray restarts after a crash, reads it back,
+adopts the Serve applications that still run (their replicas keep their loaded
+models) and applies the saved models file again.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from cluster.library import Library
 from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, Replicas
+from cluster.state import STATE_FILE, SavedState, load_state, save_state
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ROUTES_TTL
 from deployments.replica import (
     REPORT_HEARTBEAT,
@@ -52,7 +62,13 @@ from deployments.routing import Route
 from nodes.agent import LABEL_NODE, VRAM_RESOURCE
 from nodes.durations import FOREVER
 from nodes.engine import EngineSpec
-from nodes.errors import InvalidRequest, ModelLoadFailed, ModelNotFound, ServiceUnavailable
+from nodes.errors import (
+    CorralError,
+    InvalidRequest,
+    ModelLoadFailed,
+    ModelNotFound,
+    ServiceUnavailable,
+)
 from nodes.gguf import GgufInfo, read_gguf
 from nodes.logs import setup_logging
 from nodes.models import LocalModel, normalize_name
@@ -63,6 +79,10 @@ TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
 # A replica's load report older than this is from a replica that is gone.
 REPORT_STALE = 3 * REPORT_HEARTBEAT + 1.0
 EVENTS_KEPT = 500
+# How often placements lost with a node that fit nowhere are tried again (also whenever a
+# node joins).
+REPLACE_RETRY = 30.0
+APP_PREFIX = "model-"  # every placement's Serve application, and only those, start so
 # The reason category /metrics counts each autoscaler decision by (a short, fixed vocabulary;
 # the event's free text says more).
 DECISION_CATEGORY = {"scale_up": "high_load", "scale_down": "low_load", "expire": "keep_alive"}
@@ -76,7 +96,7 @@ def app_name_for(model: str, node: str) -> str:
     """The Serve application of ``model`` on ``node``: readable, unique, safe in URLs and logs."""
     slug = re.sub(r"[^a-z0-9]+", "-", f"{model}-{node}".lower()).strip("-")
     digest = hashlib.sha256(f"{model}@{node}".encode()).hexdigest()[:6]
-    return f"model-{slug}-{digest}"
+    return f"{APP_PREFIX}{slug}-{digest}"
 
 
 def actor_options(p: Placement) -> dict:
@@ -122,15 +142,34 @@ class Controller:
         self._changing = asyncio.Lock()  # one change of placements at a time
         self._inventory = InventoryMonitor()
         self._tasks: list[asyncio.Task[None]] = []
+        # Placements lost with their node and not yet placed elsewhere, by (model, node).
+        self._lost: dict[tuple[str, str], Placement] = {}
+        self._alive: set[str] | None = None  # node names alive when last reconciled
+        self._replace_tried = 0.0  # when lost placements were last tried elsewhere
+        self._not_replaced: dict[str, str] = {}  # model -> why its lost replicas fit nowhere
+        self._state_file = settings.state_path / STATE_FILE
+        self._saved: SavedState | None = None  # what the state file holds
+        self._recovered = asyncio.Event()  # set once the saved state is read back
 
     async def ping(self) -> bool:
-        """Answers once the controller runs; starts its periodic work on first call."""
+        """Answers once the controller runs and has read back its saved state."""
+        await self._started()
+        return True
+
+    def _start(self) -> None:
+        """Start the recovery and the periodic work, once. Any call may be the first: after
+        a crash Ray restarts the actor, and then nobody calls ``ping``."""
         if not self._tasks:
             self._tasks = [
-                asyncio.create_task(self._every(TICK_SECONDS, self._inventory.refresh)),
+                asyncio.create_task(self._recover()),
+                asyncio.create_task(self._every(TICK_SECONDS, self._tick)),
                 asyncio.create_task(self._every(self._settings.policy_interval, self._police)),
             ]
-        return True
+
+    async def _started(self) -> None:
+        """Wait until the saved state is back: before then the catalog is incomplete."""
+        self._start()
+        await self._recovered.wait()
 
     async def _every(self, seconds: float, work) -> None:
         while True:
@@ -144,6 +183,7 @@ class Controller:
 
     async def report(self, app: str, replica: str, load: ReplicaLoad) -> None:
         """A replica's load (``deployments/replica.py`` sends it when it changes)."""
+        self._start()
         self._reports.setdefault(app, {})[replica] = (time.monotonic(), load)
 
     def _load_of(self, p: Placement, now: float) -> PlacementLoad:
@@ -192,6 +232,7 @@ class Controller:
         (a load or an apply), so that it never queues behind them."""
         if self._changing.locked():
             return
+        await self._save()
         now = time.monotonic()
         decisions, self._timers = decide(self._model_states(now), now)
         if not decisions:
@@ -262,7 +303,13 @@ class Controller:
                 self._placements[p.key] = replace(p, replicas=p.replicas - n)
             log.info("unloaded %d of %s on %s: %s", n, p.model, p.node, reason)
             done.append(p)
+        await self._save()
         return done
+
+    def _drop_lost(self, model: str) -> None:
+        for key in [k for k in self._lost if k[0] == model]:
+            del self._lost[key]
+        self._not_replaced.pop(model, None)
 
     def _forget(self, key: tuple[str, str]) -> None:
         self._ready_at.pop(key, None)
@@ -290,6 +337,155 @@ class Controller:
         """Recent cold starts, evictions, scalings and unloads, oldest first."""
         return [e for e in self._events if e["time"] >= since]
 
+    # -- faults: the saved state, nodes that leave -------------------------------
+
+    async def _recover(self) -> None:
+        """Read back the saved state: adopt the placements whose Serve applications still
+        run, remove the ones nobody knows, and apply the saved models file again."""
+        saved = None
+        try:
+            async with self._changing:
+                saved = await asyncio.to_thread(load_state, self._state_file)
+                if saved is not None:
+                    await self._restore(saved)
+        except Exception:  # noqa: BLE001 - serve what could be restored rather than nothing
+            log.exception("restoring the saved state failed; starting from what was restored")
+        finally:
+            self._recovered.set()
+        if saved is not None:
+            await self._reapply()
+        await self._save()
+
+    async def _restore(self, saved: SavedState) -> None:
+        status = await asyncio.to_thread(serve.status)
+        apps = {name: _status_value(a.status) for name, a in status.applications.items()}
+        adopted, orphans = adoptable(saved.placements, apps)
+        now = time.monotonic()
+        for p in adopted:
+            self._placements[p.key] = p
+            self._ready_at[p.key] = now
+            # Serve's count may lag ours if the last controller stopped mid-change.
+            await asyncio.to_thread(set_replicas, app_name_for(*p.key), p.replicas)
+        if orphans:
+            log.info("removing %s: left running by a controller that stopped mid-change", orphans)
+            await asyncio.gather(*(asyncio.to_thread(serve.delete, app) for app in orphans))
+        declared, files = [], {}
+        for spec in saved.declared:
+            try:
+                files[spec.name] = self._resolve(spec)
+                declared.append(spec)
+            except CorralError as exc:
+                log.warning("the saved models file declares %s, which is gone: %s", spec.name, exc)
+        self._declared = {s.name: s for s in declared}
+        self._files = files
+        wanted = {s.name for s in declared} | {p.model for p in adopted}
+        self._on_demand = {m for m in saved.on_demand if m in wanted and m not in self._declared}
+        self._lost = {p.key: p for p in saved.lost if p.model in self._wanted_names()}
+        self._saved = saved
+        log.info(
+            "recovered the state saved %s: %d declared models, %d placements adopted%s",
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved.saved_at)),
+            len(self._declared),
+            len(adopted),
+            f" ({', '.join(_label(p) for p in adopted)})" if adopted else "",
+        )
+
+    async def _reapply(self) -> None:
+        """Make the placements what the recovered models file asks for (what was adopted
+        stays as it runs), as ``corral apply`` of the same file would."""
+        try:
+            async with self._changing:
+                report = await self._plan(self._wanted(list(self._declared.values())))
+                failed = await self._execute(report.changes)
+            for change in report.changes:
+                why = failed.get(_label(change.placement))
+                log.info("recover: %s%s", change.describe(), f" FAILED: {why}" if why else "")
+        except Exception:  # noqa: BLE001 - the next apply or request tries again
+            log.exception("applying the recovered models file failed")
+
+    async def _save(self) -> None:
+        """Write the state to disk if it changed since the last write (never before the
+        saved state was read back: that would overwrite it with nothing)."""
+        if not self._recovered.is_set():
+            return
+        state = SavedState(
+            declared=tuple(self._declared.values()),
+            on_demand=tuple(sorted(self._on_demand)),
+            placements=tuple(sorted(self._placements.values(), key=lambda p: p.key)),
+            lost=tuple(sorted(self._lost.values(), key=lambda p: p.key)),
+            saved_at=time.time(),
+        )
+        if state == self._saved:
+            return
+        try:
+            await asyncio.to_thread(save_state, self._state_file, state)
+            self._saved = state
+        except OSError as exc:
+            log.error("cannot save the controller's state to %s: %s", self._state_file, exc)
+
+    async def _tick(self) -> None:
+        await self._inventory.refresh()
+        if self._recovered.is_set() and not self._changing.locked():
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Drop the placements of nodes that left the cluster and place what they ran
+        elsewhere; try again, for what fit nowhere, when a node joins."""
+        alive = {n.labels.get(LABEL_NODE) for n in self._inventory.nodes if n.alive}
+        if not alive:  # no view of the cluster (this node is alive, or we would not run)
+            return
+        gone = [p for p in self._placements.values() if p.node not in alive]
+        joined = self._alive is not None and bool(alive - self._alive)
+        due = time.monotonic() - self._replace_tried > REPLACE_RETRY
+        if not gone and not (self._lost and (joined or due)):
+            self._alive = alive
+            return
+        async with self._changing:
+            self._alive = alive
+            self._replace_tried = time.monotonic()
+            for p in gone:
+                self._placements.pop(p.key, None)
+                self._forget(p.key)
+                earlier = self._lost[p.key].replicas if p.key in self._lost else 0
+                self._lost[p.key] = replace(p, replicas=p.replicas + earlier)
+                self._event("lost", p.model, p.node, f"{p.node} left the cluster", "node_lost")
+            if gone:  # nothing to drain: their replicas died with the node
+                apps = [app_name_for(*p.key) for p in gone]
+                await asyncio.gather(*(asyncio.to_thread(serve.delete, a, False) for a in apps))
+            await self._replace_lost()
+        await self._save()
+
+    async def _replace_lost(self) -> None:
+        """Place the replicas in ``_lost`` where they fit: the planner sees them as running
+        on their (down) node, so it keeps each model's count and puts them elsewhere, or
+        back on their node if it is up again."""
+        specs = self._wanted(list(self._declared.values()))
+        nodes, infos = await self._plan_inputs(specs)
+        current = list(self._placements.values())
+        result = self._plan_with(nodes, infos, specs, current + list(self._lost.values()))
+        lost_models = {model for model, _ in self._lost}
+        changes = [c for c in diff(current, result) if c.placement.model in lost_models]
+        changes = [c for c in changes if c.op == "+" or (c.op == "~" and _grows(c))]
+        failed = await self._execute(changes)
+        for c in changes:
+            model, node = c.placement.key
+            if _label(c.placement) in failed:
+                continue
+            added = c.after.replicas - (c.before.replicas if c.before else 0)
+            was = trim_lost(self._lost, model, added)
+            self._event("replace", model, node, f"in place of {was} (node lost)", "node_lost")
+        for model in sorted({model for model, _ in self._lost}):
+            missing = next((u for u in result.unplaced if u.model == model), None)
+            failures = [why for c in changes for why in [failed.get(_label(c.placement))] if why]
+            why = "; ".join(failures) or (missing.reason if missing else "no node can take it")
+            if self._not_replaced.get(model) != why:  # said once, not at every retry
+                self._not_replaced[model] = why
+                where = ", ".join(sorted(node for m, node in self._lost if m == model))
+                why = f"not placed elsewhere: {why}"
+                self._event("not_replaced", model, where, why, "node_lost")
+        for model in set(self._not_replaced) - {model for model, _ in self._lost}:
+            del self._not_replaced[model]
+
     # -- what clients and the CLI ask -------------------------------------------
 
     async def metrics(self) -> dict[str, Any]:
@@ -298,6 +494,7 @@ class Controller:
         Only what the controller already holds: the replicas' last load reports, the
         inventory's last probes and its event counts; a scrape must stay cheap.
         """
+        await self._started()
         now = time.monotonic()
         placements = []
         for p in sorted(self._placements.values(), key=lambda p: p.key):
@@ -338,6 +535,7 @@ class Controller:
 
     async def nodes(self) -> list[dict]:
         """Every node with its hardware, live use and models (JSON-ready)."""
+        await self._started()
         if not self._inventory.nodes:  # asked before the first tick
             await self._inventory.refresh()
         ids = {n.labels.get(LABEL_NODE): n.node_id for n in self._inventory.nodes if n.alive}
@@ -349,6 +547,7 @@ class Controller:
 
     async def list_models(self) -> list[LocalModel]:
         """The library's models, and the declared ones (which run their `source`)."""
+        await self._started()
         models = {m.name: m for m in await asyncio.to_thread(self._library.models)}
         return sorted({**models, **self._files}.values(), key=lambda m: m.name)
 
@@ -373,6 +572,7 @@ class Controller:
 
     async def delete_model(self, model: str) -> None:
         """Delete ``model``: refused while models.yaml declares it; its placements go first."""
+        await self._started()
         name = (await asyncio.to_thread(self._library.deletable, model)).name
         if name in self._declared:
             raise InvalidRequest(
@@ -391,6 +591,7 @@ class Controller:
     async def unload_model(self, model: str) -> bool:
         """Unload ``model``'s placements now, down to the replicas models.yaml keeps
         (Ollama's ``keep_alive: 0`` with no prompt); False if none was loaded."""
+        await self._started()
         name = normalize_name(model)
         if not self._apps_of(name):
             await asyncio.to_thread(self._model_file, name)  # ModelNotFound
@@ -406,8 +607,10 @@ class Controller:
             gone = await self._unload(cuts, "asked to unload", asked=True) if cuts else []
         for p in gone:
             self._event("unload", p.model, p.node, "asked to unload (keep_alive 0)", "asked")
+        self._drop_lost(name)  # asked to unload: not to be put back either
         if name not in self._declared and not self._apps_of(name):
             self._on_demand.discard(name)
+        await self._save()
         return bool(gone)
 
     async def placements(self) -> list[dict]:
@@ -416,6 +619,7 @@ class Controller:
         ``idle_for`` is None while it serves; ``expires_at`` (seconds since the epoch)
         is when keep-alive unloads it, None if never.
         """
+        await self._started()
         status = await asyncio.to_thread(serve.status)
         now, wall = time.monotonic(), time.time()
         rows = []
@@ -462,6 +666,7 @@ class Controller:
         Concurrent calls for the same cold model wait on one load. ``cause`` is why a load
         counts as a cold start: a ``request``, or Ollama's ``load`` (an empty prompt).
         """
+        await self._started()
         name = normalize_name(model)
         if not self._apps_of(name):
             await asyncio.to_thread(self._model_file, name)  # ModelNotFound
@@ -489,18 +694,24 @@ class Controller:
 
     async def plan(self, specs: list[ModelSpec]) -> PlanReport:
         """What ``apply(specs)`` would change now; changes nothing."""
+        await self._started()
         models = await self._resolve_all(specs)
         return await self._plan(self._wanted(specs), models)
 
     async def apply(self, specs: list[ModelSpec]) -> PlanReport:
         """Make the placements what ``specs`` ask for; the report says what failed."""
+        await self._started()
         models = await self._resolve_all(specs)
         async with self._changing:
             report = await self._plan(self._wanted(specs), models)
             self._declared = {s.name: s for s in specs}
             self._on_demand -= set(self._declared)
             self._files = dict(models)
+            # What nodes took with them is planned afresh from the file.
+            self._lost.clear()
+            self._not_replaced.clear()
             failed = await self._execute(report.changes)
+        await self._save()
         for change in report.changes:
             key = _label(change.placement)
             log.info(
@@ -511,6 +722,9 @@ class Controller:
         return PlanReport(report.plan, report.changes, report.unchanged, failed)
 
     # -- planning --------------------------------------------------------------
+
+    def _wanted_names(self) -> set[str]:
+        return set(self._declared) | self._on_demand
 
     def _wanted(self, specs: list[ModelSpec]) -> list[ModelSpec]:
         """``specs`` plus the models loaded on demand that they do not declare."""
@@ -640,6 +854,7 @@ class Controller:
                 )
             if name not in self._declared:
                 self._on_demand.add(name)
+            self._drop_lost(name)  # what a lost node ran of it is back
             took = time.monotonic() - started
             for c in new:
                 self._event(
@@ -719,6 +934,7 @@ class Controller:
             else:
                 self._placements[p.key] = p
                 self._ready_at.setdefault(p.key, time.monotonic())
+        await self._save()
         return failed
 
     async def _wait_running(self, placements: list[Placement]) -> dict[str, str]:
@@ -800,6 +1016,56 @@ def _label(p: Placement) -> str:
     return f"{p.model} on {p.node}"
 
 
+def _grows(c: Change) -> bool:
+    """Whether ``c`` only adds replicas to a running placement."""
+    return (
+        c.before is not None
+        and c.after is not None
+        and not c.reload
+        and (c.after.replicas > c.before.replicas)
+    )
+
+
+def _status_value(status: object) -> str:
+    return str(getattr(status, "value", status))
+
+
+# Serve application states whose replicas may still hold a loaded model.
+ADOPTABLE = ("RUNNING", "DEPLOYING", "UNHEALTHY")
+
+
+def adoptable(
+    saved: Sequence[Placement], apps: dict[str, str]
+) -> tuple[list[Placement], list[str]]:
+    """Which saved placements a new controller takes over, and which placement apps running
+    in Serve nobody knows (a controller stopped between deploying and saving).
+
+    ``apps`` maps each Serve application to its status.
+    """
+    adopted = [p for p in saved if apps.get(app_name_for(*p.key)) in ADOPTABLE]
+    known = {app_name_for(*p.key) for p in adopted}
+    orphans = sorted(a for a in apps if a.startswith(APP_PREFIX) and a not in known)
+    return adopted, orphans
+
+
+def trim_lost(lost: dict[tuple[str, str], Placement], model: str, replicas: int) -> str:
+    """Take ``replicas`` of ``model``'s lost replicas off ``lost`` (they were placed again);
+    says which they were, as "2 replicas on nas"."""
+    taken = []
+    for key in sorted(k for k in lost if k[0] == model):
+        if replicas <= 0:
+            break
+        p = lost[key]
+        n = min(p.replicas, replicas)
+        replicas -= n
+        if n == p.replicas:
+            del lost[key]
+        else:
+            lost[key] = replace(p, replicas=p.replicas - n)
+        taken.append(f"{n} replica{'s' if n != 1 else ''} on {p.node}")
+    return ", ".join(taken) or "nothing"
+
+
 def _running_replicas(state) -> int:
     """Replicas of an application's one deployment that are running now."""
     return sum(d.replica_states.get("RUNNING", 0) for d in state.deployments.values())
@@ -836,6 +1102,10 @@ def start_controller(
             get_if_exists=True,
             num_cpus=0,
             label_selector=node_labels or {},
+            # A crashed controller comes back (its state is on disk) and the calls that
+            # waited on it go through; ``RunningCorral.stop`` kills it for good.
+            max_restarts=-1,
+            max_task_retries=2,
         )
         .remote(settings)
     )

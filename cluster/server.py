@@ -51,14 +51,21 @@ class RunningCorral:
         return ray.get_runtime_context().gcs_address
 
     def stop(self) -> None:
+        """Stop the API and the controller. On a cluster of its own, everything goes with
+        Ray. On a cluster it joined, the models keep running: the next ``corral serve``
+        adopts them instead of loading each again (a restart for an upgrade or a settings
+        change costs no model loads); ``corral node stop`` on the head ends them."""
         if self.stopped:
             return
         self.stopped = True
         try:
-            serve.shutdown()
+            if self.owns_ray:
+                serve.shutdown()
+            else:
+                serve.delete(INGRESS_APP)
         finally:
             try:
-                ray.kill(ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE))
+                ray.kill(ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE), no_restart=True)
             except ValueError:
                 pass
             if self.owns_ray:

@@ -85,6 +85,12 @@ EVENT_COUNTERS: dict[str, str] = {
     "corral_unloads": "Placements or replicas unloaded (reason: keep_alive, low_load, asked).",
     "corral_scale_ups": "Replicas added because a model's load stayed above its target "
     "(reason: high_load).",
+    "corral_placements_lost": "Placements lost because their node left the cluster "
+    "(reason: node_lost).",
+    "corral_replacements": "Placements loaded in place of ones lost with a node "
+    "(reason: node_lost).",
+    "corral_replacements_failed": "Lost placements that fit on no node left (reason: "
+    "node_lost); tried again when a node joins.",
 }
 EVENT_KINDS: dict[str, str] = {
     "load": "corral_cold_starts",
@@ -93,6 +99,9 @@ EVENT_KINDS: dict[str, str] = {
     "scale_down": "corral_unloads",
     "unload": "corral_unloads",
     "scale_up": "corral_scale_ups",
+    "lost": "corral_placements_lost",
+    "replace": "corral_replacements",
+    "not_replaced": "corral_replacements_failed",
 }
 
 _recording: ContextVar[ApiMetrics | None] = ContextVar("corral_metrics", default=None)

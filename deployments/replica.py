@@ -343,14 +343,19 @@ class ServedReplica(ModelReplica):
         ``REPORT_MIN_INTERVAL``), else every ``REPORT_HEARTBEAT`` so it knows we live."""
         context = serve.get_replica_context()
         app, replica = context.app_name, context.replica_id.unique_id
-        controller = None
+        controller, sent = None, None
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), REPORT_HEARTBEAT)
             self.changed.clear()
             try:
+                if sent is not None and ray.wait([sent], timeout=0)[0]:
+                    # Not waited for when sent; a report that failed means the controller
+                    # was replaced (a new ``corral serve``): look it up again by name.
+                    sent, last = None, sent
+                    await last
                 controller = controller or ray.get_actor(actor, namespace)
-                controller.report.remote(app, replica, self.load())  # no need to wait
+                sent = controller.report.remote(app, replica, self.load())
             except Exception as exc:  # noqa: BLE001 - the controller may be restarting
                 log.debug("load report failed: %r", exc)
                 controller = None
