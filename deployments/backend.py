@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import ray
 from ray import serve
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.replica import REPLICA_DEPLOYMENT, Refused, StreamEvent
@@ -26,6 +28,8 @@ from nodes.errors import InvalidRequest, Overloaded, ServiceUnavailable
 from nodes.models import LocalModel, normalize_name
 from nodes.store import Store
 
+log = logging.getLogger("corral.backend")
+
 # The controller actor (cluster/controller.py) registers under this name; the
 # ingress finds it by name so that deployments/ never imports cluster/.
 CONTROLLER_ACTOR = "corral-controller"
@@ -34,6 +38,14 @@ NAMESPACE = "corral"
 # again; the controller waits this long between taking a placement out of the
 # routes and deleting it.
 ROUTES_TTL = 1.0
+# A placement whose replica failed a request (its process or node died) gets no new
+# requests from this ingress for this long, while another placement of the model can take
+# them: enough for the controller to notice a lost node and for Serve to restart a replica.
+FAILED_FOR = 10.0
+# A request its replica has not admitted after this long looks again at its placement: one
+# that is gone (its node left) or failed a request meanwhile sends it elsewhere.
+ADMIT_CHECK = 1.0
+MOVES = 3  # placements a request that was never admitted may try after the first
 
 
 class ModelBackend(Protocol):
@@ -152,6 +164,7 @@ class ServeBackend:
         # app -> (model, node) of every placement routed to (bounded: one app per pair)
         self._placed: dict[str, tuple[str, str]] = {}
         self._seconds_per_request: dict[str, float] = {}  # model -> moving average
+        self._failed: dict[str, float] = {}  # app -> until when it gets no new requests
 
     def _controller(self) -> ActorHandle:
         if self._controller_handle is None:
@@ -196,9 +209,17 @@ class ServeBackend:
             del self._handles[app]
         return routes
 
-    async def _pick(self, model: str) -> tuple[str, DeploymentHandle]:
-        """The placement of ``model`` to send a request to; ``Overloaded`` if all are full."""
+    async def _pick(
+        self, model: str, avoid: frozenset[str] = frozenset()
+    ) -> tuple[str, DeploymentHandle]:
+        """The placement of ``model`` to send a request to; ``Overloaded`` if all are full.
+
+        Placements in ``avoid``, and those that failed a request lately, are taken only
+        when no other placement of the model is left."""
         routes = await self._current_routes(model)
+        now = time.monotonic()
+        healthy = [r for r in routes if r.app not in avoid and self._failed.get(r.app, 0) < now]
+        routes = healthy or routes
         candidates = [merge_load(r, self._in_flight.get(r.app, 0), self.origin) for r in routes]
         chosen = self._router.choose(candidates)
         if chosen is None:
@@ -230,29 +251,92 @@ class ServeBackend:
             average = self._seconds_per_request.get(model, took)
             self._seconds_per_request[model] = 0.8 * average + 0.2 * took
 
+    def _failing(self, model: str, app: str, exc: BaseException) -> None:
+        """``app``'s replica failed a request: route around it for a while and ask the
+        controller for the model's placements afresh."""
+        log.warning("placement %s of %s failed a request: %r", app, model, exc)
+        now = time.monotonic()
+        self._failed = {a: until for a, until in self._failed.items() if until > now}
+        self._failed[app] = now + FAILED_FOR
+        self._routes.pop(normalize_name(model), None)
+
     async def generate(
         self, model: str, request: GenerateRequest
     ) -> AsyncIterator[list[StreamEvent]]:
-        app, handle = await self._pick(model)
-        with self._counted(model, app):
-            stream = handle.options(stream=True).generate.remote(request, self.origin)
-            done = False
-            try:
-                async for batch in stream:
-                    yield batch
-                done = True
-            finally:
-                if not done:
-                    # The client went away (or the stream failed): stop the generation
-                    # so the replica is free for the next request.
-                    stream.cancel()
+        """The replica's batches. A request that has produced nothing yet when its replica
+        dies (or whose placement goes away while it waits for a replica) moves to another
+        placement, unseen by the caller; once text has come, it fails with the replica."""
+        avoid: set[str] = set()
+        admitted = False  # the caller has had its [Admitted]
+        while True:
+            app, handle = await self._pick(model, frozenset(avoid))
+            with self._counted(model, app):
+                stream = handle.options(stream=True).generate.remote(request, self.origin)
+                done = output = False
+                try:
+                    try:
+                        first = await self._admission(model, app, stream)
+                        if first is not None:
+                            if not admitted:
+                                admitted = True
+                                yield first
+                            elif isinstance(first[0], Refused):  # another placement's context
+                                raise first[0].error
+                            async for batch in stream:
+                                output = True
+                                yield batch
+                            done = True
+                            return
+                    except RayActorError as exc:
+                        self._failing(model, app, exc)
+                        if output or len(avoid) >= MOVES:
+                            raise
+                    avoid.add(app)
+                finally:
+                    if not done:
+                        # The client went away (or the stream failed): stop the generation
+                        # so the replica is free for the next request.
+                        stream.cancel()
+
+    async def _admission(self, model: str, app: str, stream) -> list[StreamEvent] | None:
+        """The stream's first batch; None if, while the request waited for a replica of
+        ``app``, it stopped being a placement of ``model`` (its node left the cluster) or
+        failed a request while another placement is sound."""
+        first = asyncio.ensure_future(anext(stream))
+        try:
+            while True:
+                done, _ = await asyncio.wait({first}, timeout=ADMIT_CHECK)
+                if done:
+                    return first.result()
+                apps = {r.app for r in await self._current_routes(model)}
+                now = time.monotonic()
+                sound = {a for a in apps if self._failed.get(a, 0) < now}
+                if app not in apps or (app not in sound and sound):
+                    log.warning(
+                        "placement %s of %s is gone or failing; moving a waiting request",
+                        app,
+                        model,
+                    )
+                    return None
+        finally:
+            if not first.done():
+                first.cancel()
 
     async def embed(
         self, model: str, texts: Sequence[str], keep_alive: float | None = None
     ) -> Embeddings | Refused:
-        app, handle = await self._pick(model)
-        with self._counted(model, app):
-            return await handle.embed.remote(list(texts), self.origin, keep_alive)
+        """One vector per text; a replica that dies first leaves the work to another."""
+        avoid: set[str] = set()
+        while True:
+            app, handle = await self._pick(model, frozenset(avoid))
+            with self._counted(model, app):
+                try:
+                    return await handle.embed.remote(list(texts), self.origin, keep_alive)
+                except RayActorError as exc:  # embedding twice is harmless
+                    self._failing(model, app, exc)
+                    if len(avoid) >= MOVES:
+                        raise
+                    avoid.add(app)
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:
         return await self._controller().nodes.remote()

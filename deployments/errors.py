@@ -80,7 +80,9 @@ def classify(exc: BaseException) -> ApiError:
     exc = unwrap(exc)
     if isinstance(exc, ActorDiedError | ActorUnavailableError | RayActorError):
         exc = ServiceUnavailable(
-            "The model's replica stopped while serving this request. Retry it."
+            "The model's replica stopped while serving this request (its process or its "
+            "node went away). Retry it: another replica will take it.",
+            retry_after=1,
         )
     if isinstance(exc, CorralError):
         status, type_, code = _KINDS.get(exc.kind, (500, "server_error", exc.kind))

@@ -14,15 +14,20 @@ or gathered.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+
+from ray.exceptions import RayActorError
 
 from deployments.backend import ModelBackend
 from deployments.context import current_request
 from deployments.metrics import ApiMetrics, recording
 from deployments.replica import Admitted, Refused, StreamEvent
 from nodes.engine import Embeddings, Finished, GenerateRequest, TextDelta
+
+log = logging.getLogger("corral.generation")
 
 Stream = AsyncIterator[list[StreamEvent]]
 
@@ -85,8 +90,22 @@ class _Measured:
         await self._stream.aclose()
 
 
-async def gather(stream: Stream) -> Result:
-    """The text and the ``Finished`` event of a whole generation; closes the stream."""
+async def gather(stream: Stream, again: Callable[[], Awaitable[Stream]] | None = None) -> Result:
+    """The text and the ``Finished`` event of a whole generation; closes the stream.
+
+    If the replica dies midway, nothing has reached the client yet: ``again`` (when
+    given) opens the generation anew, on another placement, once.
+    """
+    try:
+        return await _gather(stream)
+    except RayActorError as exc:
+        if again is None:
+            raise
+        log.warning("the replica died before the answer was whole; running it again: %r", exc)
+        return await _gather(await again())
+
+
+async def _gather(stream: Stream) -> Result:
     parts: list[str] = []
     finished: Finished | None = None
     try:

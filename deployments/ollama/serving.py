@@ -140,7 +140,7 @@ class OllamaServing:
         generation = await self._open(name, greq, started)
         if req.stream:
             return self._stream(generation, req.model, piece)
-        whole = await gather(generation.stream)
+        whole = await gather(generation.stream, lambda: open_generation(self._backend, name, greq))
         return _final(
             piece(req.model, whole.text, True, whole.finished.reason), whole.finished, generation
         )

@@ -67,7 +67,7 @@ class OpenAIServing:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return self._stream_sse(stream, _ChatChunks(rid, created, req.model, req.include_usage))
-        result = await gather(stream)
+        result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
         return p.ChatCompletion(
             id=rid,
             created=created,
@@ -91,7 +91,7 @@ class OpenAIServing:
         if req.stream:
             chunks = _CompletionChunks(rid, created, req.model, echo, req.include_usage)
             return self._stream_sse(stream, chunks)
-        result = await gather(stream)
+        result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
         return p.Completion(
             id=rid,
             created=created,
