@@ -28,14 +28,20 @@ from typing import Any, TypeVar
 import httpx
 import openai
 import pytest
-import ray
 from ray import serve
 
 from cluster.controller import app_name_for
-from cluster.spec import load_models
-from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
-from deployments.replica import REPLICA_DEPLOYMENT, ReplicaStats
 from nodes.gguf import estimate_memory, read_gguf
+from tests.support.cluster import (
+    apply_models,
+    events,
+    fake_model,
+    models_file,
+    placement_rows,
+    placements,
+    replica_stats,
+    wait_for,
+)
 
 T = TypeVar("T")
 OURS = {
@@ -47,48 +53,6 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def controller():
-    return ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE)
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def events(since: float, model: str | None = None, kind: str | None = None) -> list[dict]:
-    """The controller's events since ``since`` (wall clock), for ``model`` and ``kind``."""
-    found = ray.get(controller().events.remote(since), timeout=30)
-    return [
-        e
-        for e in found
-        if (model is None or e["model"] == model) and (kind is None or e["kind"] == kind)
-    ]
-
-
-def placements(corral, model: str | None = None) -> dict[str, dict]:
-    """The rows of ``/api/cluster/placements`` (of ``model``), by node."""
-    return {p["node"]: p for p in _all_rows(corral) if model is None or p["model"] == model}
-
-
-def _all_rows(corral) -> list[dict]:
-    r = httpx.get(f"{corral.url}/api/cluster/placements", timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()["placements"]
-
-
-def replica_stats(model: str, node: str) -> ReplicaStats:
-    handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name_for(model, node))
-    return handle.stats.remote().result(timeout_s=30)
 
 
 def chat(client: openai.OpenAI, model: str, max_tokens: int = 8, **extra: Any) -> str:
@@ -112,30 +76,14 @@ def apply(corral, tmp_path_factory, starter_path) -> Iterator[Callable[[str], No
     count = iter(range(1000))
 
     def _apply(text: str) -> None:
-        path = root / f"models-{next(count)}.yaml"
-        path.write_text(text.replace("{starter}", str(starter_path)))
-        report = ray.get(controller().apply.remote(load_models(path)), timeout=300)
-        assert report.failed == {}, report.failed
-        assert not [u for u in report.plan.unplaced if u.placed < u.wanted], report.plan.unplaced
+        apply_models(text, root / f"models-{next(count)}.yaml", starter_path)
 
     yield _apply
     _apply("models: []\n")
-    ours = [(row["model"], row["node"]) for row in _all_rows(corral) if row["model"] in OURS]
+    ours = [
+        (row["model"], row["node"]) for row in placement_rows(corral.url) if row["model"] in OURS
+    ]
     assert ours == [], f"left running after the module: {ours}"
-
-
-def fake_model(name: str, **fields: str) -> str:
-    """A models.yaml entry for ``name`` on the fake engine (context 512 unless ``fields``
-    say otherwise); ``fields`` are more keys, each value one line of YAML."""
-    fields = {"context": "512", **fields}
-    lines = [f"  - name: {name}", "    source: {starter}", "    engine: fake", "    threads: 1"]
-    for key, value in fields.items():
-        lines.append(f"    {key}: {value}")
-    return "\n".join(lines) + "\n"
-
-
-def models_file(*entries: str) -> str:
-    return "models:\n" + "".join(entries)
 
 
 # -- 1. least-loaded routing ---------------------------------------------------------
@@ -307,7 +255,7 @@ def nas_fits(corral, starter_path) -> None:
     [nas] = [n for n in r.json()["nodes"] if n["name"] == "nas"]
     others = sum(
         row["replicas"] * row["ram"]
-        for row in _all_rows(corral)
+        for row in placement_rows(corral.url)
         if row["node"] == "nas" and row["model"] not in OURS
     )
     info = read_gguf(starter_path)
@@ -333,7 +281,7 @@ def test_lru_idle_model_is_evicted_and_a_pinned_one_never(corral, client, apply,
     # The pinned model is used first: the least recently used of all.
     for name in ("ev-pin", "ev-a", "ev-b"):
         chat(client, name)
-    running = {row["model"] for row in _all_rows(corral) if row["node"] == "nas"}
+    running = {row["model"] for row in placement_rows(corral.url) if row["node"] == "nas"}
     assert {"ev-pin:latest", "ev-a:latest", "ev-b:latest"} <= running
     assert events(since, kind="evict") == []
 
@@ -345,7 +293,7 @@ def test_lru_idle_model_is_evicted_and_a_pinned_one_never(corral, client, apply,
     assert "least recently used" in evicted["reason"]
     assert [e["model"] for e in events(third, kind="load")] == ["ev-c:latest"]
     on_nas_now = {
-        (row["model"], row["status"]) for row in _all_rows(corral) if row["node"] == "nas"
+        (row["model"], row["status"]) for row in placement_rows(corral.url) if row["node"] == "nas"
     }
     assert ("ev-pin:latest", "RUNNING") in on_nas_now
     assert ("ev-b:latest", "RUNNING") in on_nas_now
@@ -367,7 +315,7 @@ def test_lru_idle_model_is_evicted_and_a_pinned_one_never(corral, client, apply,
     assert "needs" in error["message"] and "nas" in error["message"], error["message"]
     assert events(refused, kind="evict") == []
     assert events(refused, kind="load") == []
-    still = {row["model"] for row in _all_rows(corral) if row["node"] == "nas"}
+    still = {row["model"] for row in placement_rows(corral.url) if row["node"] == "nas"}
     assert {"ev-pin:latest", "ev-b:latest", "ev-c:latest"} <= still
 
 
