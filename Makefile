@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test unit integration bench lint clean registry
+.PHONY: run test unit integration bench lint clean system-tools
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Corral needs Python 3.11 or newer"'
@@ -20,20 +20,25 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/corral serve --config configs/corral.yaml
 
-test: $(STAMP) registry
+test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The pull tests run Debian's OCI registry (docker-registry); install it if root may.
-registry:
-	@command -v docker-registry >/dev/null || test "$$(id -u)" != 0 || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry)
-	@command -v docker-registry >/dev/null || \
-		echo "note: docker-registry is missing (apt-get install docker-registry); its pull tests will skip"
+# The pull tests run Debian's OCI registry (docker-registry) and the Ansible test checks the
+# firewall's rules with nft (nftables); install what is missing if root may.
+system-tools:
+	@missing=""; \
+	command -v docker-registry >/dev/null || missing="docker-registry"; \
+	test -x /usr/sbin/nft || command -v nft >/dev/null || missing="$$missing nftables"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	elif [ -n "$$missing" ]; then \
+		echo "note: missing$$missing (apt-get install$$missing); the tests that need them skip"; \
+	fi
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP) registry
+integration: $(STAMP) system-tools
 	$(BIN)/python -m pytest tests/integration tests/compat $(PYTEST_ARGS)
 
 lint: $(STAMP)
