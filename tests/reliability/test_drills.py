@@ -15,9 +15,10 @@ starter GGUF as source, so the memory accounting is real). Then, in order:
 4. The controller's process is killed: Ray restarts it; it reads its saved
    state back and adopts every placement (the same replica processes serve),
    with the models file still applied.
-5. Corral is stopped and started again, as ``systemctl restart corral`` does:
-   the new controller adopts the placements (no model loads again) and the
-   API keys on disk still hold.
+5. Corral is stopped and started again, as ``systemctl restart corral`` does,
+   and one placement is deleted meanwhile: the new controller adopts the
+   others (no model loads again), applies the saved models file again (the
+   deleted one loads back), and the API keys and models on disk still hold.
 
 The figures (how long each stream took to end, how long new requests took)
 are printed (``pytest -s``).
@@ -37,7 +38,9 @@ import httpx
 import psutil
 import pytest
 import ray
+from ray import serve
 
+from cluster.controller import app_name_for
 from cluster.server import start_corral
 from cluster.state import STATE_FILE, load_state
 from deployments.auth import KeyFile, keys_path
@@ -285,12 +288,16 @@ def test_a_crashed_controller_comes_back_and_adopts_what_runs(corral, boxes, htt
 
 def test_a_restarted_corral_adopts_what_runs_and_keeps_the_keys(corral, boxes, http):
     pids, before = replica_processes(), rows(corral)
+    models = tags(http)
     keys = KeyFile(keys_path(corral.settings.state_path))
     _, key = keys.create("drill")
     try:
         corral.stop()
         with pytest.raises(httpx.TransportError):
             http.get("/")
+        # While Corral is down, one placement goes (deleted by hand): the restarted
+        # controller applies the saved models file again and loads it back.
+        serve.delete(app_name_for(ONLY_A, A))
         started = time.monotonic()
         start_corral(corral.settings)  # the same settings, state directory and address
         corral.stopped = False  # the session's fixture stops the new one at the end
@@ -303,9 +310,19 @@ def test_a_restarted_corral_adopts_what_runs_and_keeps_the_keys(corral, boxes, h
         assert ok.status_code == 200, ok.text
     finally:
         keys_path(corral.settings.state_path).unlink(missing_ok=True)
-    assert rows(corral) == before  # every placement adopted ...
-    assert replica_processes() == pids  # ... nothing loaded again
+    assert tags(http) == models
+    wait_for(lambda: rows(corral) == before, 60, "the saved models file applied again")
+    after = replica_processes()
+    assert after[ONLY_A, A] != pids[ONLY_A, A]  # loaded again: it was gone ...
+    del after[ONLY_A, A], pids[ONLY_A, A]
+    assert after == pids  # ... and every other placement adopted, not loaded again
     assert chat(http, ONLY_A).status_code == 200
+
+
+def tags(http: httpx.Client) -> list[str]:
+    r = http.get("/api/tags")
+    assert r.status_code == 200, r.text
+    return sorted(m["name"] for m in r.json()["models"])
 
 
 def _answers(call):
