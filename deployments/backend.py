@@ -269,6 +269,7 @@ class ServeBackend:
         avoid: set[str] = set()
         admitted = False  # the caller has had its [Admitted]
         while True:
+            _give_up_after_moves(model, avoid)
             app, handle = await self._pick(model, frozenset(avoid))
             with self._counted(model, app):
                 stream = handle.options(stream=True).generate.remote(request, self.origin)
@@ -289,7 +290,7 @@ class ServeBackend:
                             return
                     except RayActorError as exc:
                         self._failing(model, app, exc)
-                        if output or len(avoid) >= MOVES:
+                        if output:
                             raise
                     avoid.add(app)
                 finally:
@@ -328,14 +329,13 @@ class ServeBackend:
         """One vector per text; a replica that dies first leaves the work to another."""
         avoid: set[str] = set()
         while True:
+            _give_up_after_moves(model, avoid)
             app, handle = await self._pick(model, frozenset(avoid))
             with self._counted(model, app):
                 try:
                     return await handle.embed.remote(list(texts), self.origin, keep_alive)
                 except RayActorError as exc:  # embedding twice is harmless
                     self._failing(model, app, exc)
-                    if len(avoid) >= MOVES:
-                        raise
                     avoid.add(app)
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:
@@ -390,6 +390,15 @@ class ServeBackend:
         if self._store is None:
             raise InvalidRequest("This Corral has no model store to upload to.")
         await self._store.save_stream(digest, chunks)
+
+
+def _give_up_after_moves(model: str, tried: set[str]) -> None:
+    if len(tried) > MOVES:
+        raise ServiceUnavailable(
+            f"No replica of '{model}' took the request: {len(tried)} placements failed or went "
+            f"away while it waited. Retry it.",
+            retry_after=1,
+        )
 
 
 def _handle(app: str) -> DeploymentHandle:
