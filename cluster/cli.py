@@ -80,7 +80,9 @@ def serve(
     """Start Corral and serve until Ctrl-C.
 
     With no cluster address it starts a private one-box Ray cluster with the
-    starter model smollm2:135m; nothing to configure, no network needed.
+    starter model smollm2:135m; nothing to configure, no network needed. On a
+    cluster it joined, the models keep running when it stops, and the next
+    start adopts them instead of loading them again.
     """
     from cluster.server import StartupError, corral_version, start_corral
     from nodes.logs import setup_logging
@@ -116,7 +118,13 @@ def serve(
         while not stop.wait(1.0):
             pass
     finally:
-        console.print("Stopping Corral...")
+        if running.owns_ray:
+            console.print("Stopping Corral...")
+        else:
+            console.print(
+                "Stopping Corral; the models keep running on the cluster for the next "
+                "`corral serve` (`corral node stop` on the head ends them)..."
+            )
         running.stop()
 
 
