@@ -53,7 +53,8 @@ class CorralSettings(BaseSettings):
     state_dir: Path = Field(
         default=Path("~/.corral"),
         description="Where Corral keeps its state: the Ray token, the API keys (as hashes), "
-        "the models (unless `models` says otherwise).",
+        "the controller's state (the applied models file, what runs where), the models "
+        "(unless `models` says otherwise).",
     )
     models: Path | None = Field(
         default=None,
