@@ -232,7 +232,6 @@ class Controller:
         (a load or an apply), so that it never queues behind them."""
         if self._changing.locked():
             return
-        await self._save()
         now = time.monotonic()
         decisions, self._timers = decide(self._model_states(now), now)
         if not decisions:
@@ -431,7 +430,7 @@ class Controller:
     async def _reconcile(self) -> None:
         """Drop the placements of nodes that left the cluster and place what they ran
         elsewhere; try again, for what fit nowhere, when a node joins."""
-        alive = {n.labels.get(LABEL_NODE) for n in self._inventory.nodes if n.alive}
+        alive = self._alive_nodes()
         if not alive:  # no view of the cluster (this node is alive, or we would not run)
             return
         gone = [p for p in self._placements.values() if p.node not in alive]
@@ -454,6 +453,10 @@ class Controller:
                 await asyncio.gather(*(asyncio.to_thread(serve.delete, a, False) for a in apps))
             await self._replace_lost()
         await self._save()
+
+    def _alive_nodes(self) -> set[str]:
+        """The names of the nodes Ray's GCS calls alive, as of the last inventory tick."""
+        return {n.labels.get(LABEL_NODE, "") for n in self._inventory.nodes if n.alive}
 
     async def _replace_lost(self) -> None:
         """Place the replicas in ``_lost`` where they fit: the planner sees them as running
@@ -855,6 +858,7 @@ class Controller:
             if name not in self._declared:
                 self._on_demand.add(name)
             self._drop_lost(name)  # what a lost node ran of it is back
+            await self._save()
             took = time.monotonic() - started
             for c in new:
                 self._event(
@@ -943,11 +947,15 @@ class Controller:
         failed: dict[str, str] = {}
         while apps:
             status = await asyncio.to_thread(serve.status)
+            alive = self._alive_nodes()  # the tick refreshes it meanwhile
             for app, p in list(apps.items()):
                 state = status.applications.get(app)
-                if state is None:
+                if alive and p.node not in alive:  # its replicas can never start
+                    failed[_label(p)] = f"{p.node} left the cluster while it loaded"
+                    del apps[app]
+                elif state is None:
                     continue
-                if state.status == "RUNNING" and _running_replicas(state) == p.replicas:
+                elif state.status == "RUNNING" and _running_replicas(state) == p.replicas:
                     del apps[app]
                 elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                     failed[_label(p)] = _last_line(_status_message(state))

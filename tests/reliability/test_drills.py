@@ -108,6 +108,8 @@ def boxes(corral, homelab, tmp_path_factory, starter_path) -> Iterator[dict]:
         for node in nodes.values():
             if node.remaining_processes_alive():
                 homelab.cluster.remove_node(node, allow_graceful=False)
+        # The next module plans on the homelab alone: wait until the boxes show down.
+        wait_for(lambda: not {A, B} & up(corral), 30, "the drill boxes to show down")
 
 
 @pytest.fixture(scope="module")
