@@ -36,6 +36,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from nodes.agent import LABEL_NODE
+from nodes.crashes import CrashNotes, ProcessDeath, notes_dir
 from nodes.engine import (
     Embeddings,
     Engine,
@@ -288,7 +289,10 @@ class ModelReplica:
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown: stop what runs, drop what waits,
-        # then free the model's memory.
+        # then free the model's memory. No crash note is left behind.
+        notes = getattr(self, "_notes", None)
+        if notes is not None:
+            notes.disarm()
         for cancel in list(getattr(self, "_cancels", ())):
             cancel.set()
         executor = getattr(self, "_executor", None)
@@ -315,6 +319,13 @@ class ServedReplica(ModelReplica):
 
     async def __init__(self, spec: EngineSpec, options: ReplicaOptions) -> None:
         setup_logging(options.log_level)
+        # Before anything native runs: a crash from here on leaves a note, and the notes of
+        # this placement's processes that crashed before this one are reported.
+        self._notes = CrashNotes(notes_dir(serve.get_replica_context().app_name))
+        crashed = self._notes.collect()
+        self._notes.arm()
+        if crashed and options.report_to:
+            _report_deaths(crashed, *options.report_to)
         spec = await locate(spec)  # on another node than the head: its own copy, or fetch one
         executor = engine_executor()
         # Loading can take minutes for a big model; keep the replica's event loop
@@ -362,6 +373,19 @@ class ServedReplica(ModelReplica):
             await asyncio.sleep(REPORT_MIN_INTERVAL)
 
 
+def _report_deaths(deaths: list[ProcessDeath], actor: str, namespace: str) -> None:
+    """Tell the controller how this placement's earlier processes died (not waited for)."""
+    app = serve.get_replica_context().app_name
+    for death in deaths:
+        log.error("an earlier process of %s died: %s", app, death.detail)
+    try:
+        controller = ray.get_actor(actor, namespace)
+        for death in deaths:
+            controller.replica_died.remote(app, death)
+    except Exception as exc:  # noqa: BLE001 - a lost report only weakens the reason shown
+        log.warning("could not report earlier crashes to the controller: %r", exc)
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaInfo:
     """What a replica says about itself."""
@@ -405,6 +429,10 @@ def replica_app(
         ray_actor_options={"num_cpus": 0, **(actor_options or {})},
         # A model load can take minutes on a slow disk; Serve must not give up first.
         health_check_timeout_s=60,
+        # Serve notices a replica whose process died at its next health check (every 10 s by
+        # default), and a request moved there waits until then: a crash costs the client
+        # this period plus a process start.
+        health_check_period_s=2,
         graceful_shutdown_timeout_s=5,
         # The ingress logs every request; a second line per request here is noise.
         logging_config={"enable_access_log": False},

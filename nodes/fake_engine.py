@@ -14,13 +14,21 @@ Options (``EngineSpec.options``):
 * ``reply_tokens``: tokens in a reply when max_tokens is not set (default 16);
 * ``load_delay``: seconds the constructor sleeps, to simulate a cold start;
 * ``fail_after``: raise ``EngineFault`` after this many tokens (fault tests).
+
+Test-only fault injection, named so that nobody takes it for a feature:
+
+* ``test_crash_on``: ``"generate"`` or ``"load"``: the replica's process kills itself with
+  ``test_crash_signal`` (default ``SIGSEGV``) when a generation starts, or while the model
+  loads, as llama.cpp does when a kernel faults (the AMX crash of issue 15).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -69,6 +77,12 @@ def _node_name() -> str:
     return ray.get_runtime_context().get_node_labels().get(LABEL_NODE, "")
 
 
+def _crash(sig: signal.Signals) -> None:
+    """Die by ``sig`` the way a native crash kills a process: no Python cleanup runs."""
+    os.kill(os.getpid(), sig)
+    time.sleep(60)  # a signal that does not kill (one the process handles): still no answer
+
+
 class FakeEngine:
     """Deterministic words at a configurable pace; one token per word."""
 
@@ -83,7 +97,11 @@ class FakeEngine:
         fail_after = opts.get("fail_after")
         self.fail_after = None if fail_after is None else int(fail_after)
         load_delay = float(opts.get("load_delay", 0.0))
+        self._crash_on = opts.get("test_crash_on")
+        self._crash_signal = signal.Signals[str(opts.get("test_crash_signal", "SIGSEGV"))]
         time.sleep(load_delay)
+        if self._crash_on == "load":
+            _crash(self._crash_signal)
         self.info = EngineInfo(
             model=spec.model,
             n_ctx=spec.n_ctx,
@@ -115,6 +133,8 @@ class FakeEngine:
         reason: FinishReason = "stop" if limit == self.reply_tokens else "length"
         rng = random.Random(_digest(tokens, params.seed))
         stops = StopMatcher(params.stop)
+        if self._crash_on == "generate":
+            _crash(self._crash_signal)
         started = time.perf_counter()
         cancel.wait(self.prompt_delay)
         first_at = time.perf_counter()
