@@ -43,7 +43,10 @@ def ps(
     if not rows:
         Console(stderr=True).print("No model is loaded.")
         return
-    Console(width=None if sys.stdout.isatty() else 200).print(ps_table(rows, time.time()))
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(ps_table(rows, time.time()))
+    for line in failure_lines(rows):
+        console.print(line, highlight=False, markup=False)
 
 
 def api_url(host: str) -> str:
@@ -103,8 +106,20 @@ def ps_table(rows: list[dict[str, Any]], now: float) -> Table:
     return table
 
 
+def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Why each failed model was given up on (the table has no room for it)."""
+    return [
+        f"{row['model']} on {row['node']} FAILED: {row['failure']['reason']}"
+        for row in rows
+        if row.get("failure")
+    ]
+
+
 def _until(row: dict[str, Any], now: float) -> str:
-    """When keep-alive unloads it, as ``ollama ps`` says it."""
+    """When keep-alive unloads it, as ``ollama ps`` says it; when a failed one is retried."""
+    if failure := row.get("failure"):
+        left = failure["retry_at"] - now
+        return "retry now" if left <= 0 else f"retry in {format_duration(left)}"
     if row["idle_for"] is None:
         return "busy"
     if row["held"]:

@@ -42,7 +42,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster import eviction
+from cluster import crashloop, eviction
 from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
 from cluster.inventory import InventoryMonitor, NodeStatus
 from cluster.library import Library
@@ -60,11 +60,13 @@ from deployments.replica import (
 )
 from deployments.routing import Route
 from nodes.agent import LABEL_NODE, VRAM_RESOURCE
+from nodes.crashes import ProcessDeath
 from nodes.durations import FOREVER
 from nodes.engine import EngineSpec
 from nodes.errors import (
     CorralError,
     InvalidRequest,
+    ModelFailed,
     ModelLoadFailed,
     ModelNotFound,
     ServiceUnavailable,
@@ -150,6 +152,12 @@ class Controller:
         self._state_file = settings.state_path / STATE_FILE
         self._saved: SavedState | None = None  # what the state file holds
         self._recovered = asyncio.Event()  # set once the saved state is read back
+        self._deaths: dict[str, list[ProcessDeath]] = {}  # app -> how its processes died
+        self._failed: dict[str, crashloop.Failure] = {}  # model -> why it was given up on
+        self._retried_at: dict[str, float] = {}  # model -> when a failed one was tried again
+        self._background: set[asyncio.Task] = set()  # take-downs and retries under way
+        self._starting: set[str] = set()  # the apps being deployed and waited for
+        self._deployed_at: dict[str, float] = {}  # app -> when it was last deployed (wall)
 
     async def ping(self) -> bool:
         """Answers once the controller runs and has read back its saved state."""
@@ -313,6 +321,7 @@ class Controller:
     def _forget(self, key: tuple[str, str]) -> None:
         self._ready_at.pop(key, None)
         self._reports.pop(app_name_for(*key), None)
+        self._deaths.pop(app_name_for(*key), None)
         if not any(model == key[0] for model, _ in self._placements):
             self._touched.pop(key[0], None)
 
@@ -335,6 +344,90 @@ class Controller:
     async def events(self, since: float = 0.0) -> list[dict]:
         """Recent cold starts, evictions, scalings and unloads, oldest first."""
         return [e for e in self._events if e["time"] >= since]
+
+    # -- faults: model processes that keep crashing (cluster/crashloop.py) ----------
+
+    async def replica_died(self, app: str, death: ProcessDeath) -> None:
+        """A process of placement ``app`` died: its successor read its crash note, or a caller
+        saw it die. Enough deaths in a row mark the placement failed (see crashloop)."""
+        self._start()
+        key = next((k for k in self._placements if app_name_for(*k) == app), None)
+        loading = key is None and app in self._starting
+        if key is None and not loading:
+            return  # a placement already removed: its last words change nothing
+        if death.at < self._deployed_at.get(app, 0.0):
+            return  # a note left by a process of an earlier deployment of the same placement
+        now = time.time()
+        known = crashloop.recent(self._deaths.get(app, []), now)  # older ones are forgotten
+        self._deaths[app] = crashloop.add(known, death)
+        log.warning("a process of %s died (pid %s): %s", app, death.pid, death.detail)
+        if key is not None and key[0] not in self._failed:
+            why = self._crash_loop_reason(app, key[1])
+            if why is not None:
+                self._give_up(key, why)
+
+    def _crash_loop_reason(self, app: str, node: str, at_least: int = 0) -> str | None:
+        """Why ``app`` counts as crash-looping now (``at_least`` recent deaths of its
+        processes: the crash limit unless given); None while it does not."""
+        deaths = crashloop.recent(self._deaths.get(app, []), time.time())
+        if not deaths or len(deaths) < (at_least or crashloop.CRASH_LIMIT):
+            return None
+        return crashloop.failure_reason(deaths, node)
+
+    def _give_up(self, key: tuple[str, str], why: str) -> None:
+        """Mark ``key``'s model failed at once (requests get a 503 from now on), then take its
+        placement down in the background, under the change lock."""
+        model, node = key
+        failure = crashloop.fail(self._failed.get(model), model, node, why, time.time())
+        self._failed[model] = failure
+        self._retried_at.pop(model, None)
+        self._event("failed", model, node, why, "crash_loop")
+        self._in_background(self._take_down(key))
+
+    def _in_background(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_quietly)
+
+    async def _take_down(self, key: tuple[str, str]) -> None:
+        async with self._changing:
+            p = self._placements.pop(key, None)
+            self._forget(key)
+            if p is not None:  # nothing to drain: its replicas crash on every request
+                await asyncio.to_thread(serve.delete, app_name_for(*key), False)
+        await self._save()
+
+    def _refuse_if_failed(self, name: str) -> None:
+        """ModelFailed for a model given up on whose back-off still runs."""
+        failure = self._failed.get(name)
+        if failure is None or self._apps_of(name) or not failure.blocks(time.time()):
+            return
+        left = failure.retry_at - time.time()
+        raise ModelFailed(
+            f"The model '{name}' is failed: {failure.reason}. It is tried again in "
+            f"{left:.0f}s, or at once after `corral apply` or `corral stop {name}`; "
+            f"`corral ps` shows it.",
+            retry_after=left,
+        )
+
+    def _forgive(self) -> None:
+        """Forget the failures of models that have served well since they were retried, and
+        retry the failed declared models whose back-off ran out."""
+        now = time.time()
+        for name, failure in list(self._failed.items()):
+            retried = self._retried_at.get(name)
+            if retried is not None and self._apps_of(name):
+                if now - retried > crashloop.FORGIVE_AFTER:
+                    del self._failed[name], self._retried_at[name]
+            elif name in self._declared and not failure.blocks(now) and retried is None:
+                self._retried_at[name] = now  # once per back-off: a failed retry waits for more
+                self._in_background(self.ensure(name, cause="retry"))
+
+    def _clear_failure(self, name: str) -> None:
+        """The user asked again (apply, stop): try the model at once, from the start."""
+        self._failed.pop(name, None)
+        self._retried_at.pop(name, None)
 
     # -- faults: the saved state, nodes that leave -------------------------------
 
@@ -424,6 +517,7 @@ class Controller:
 
     async def _tick(self) -> None:
         await self._inventory.refresh()
+        self._forgive()
         if self._recovered.is_set() and not self._changing.locked():
             await self._reconcile()
 
@@ -596,6 +690,8 @@ class Controller:
         (Ollama's ``keep_alive: 0`` with no prompt); False if none was loaded."""
         await self._started()
         name = normalize_name(model)
+        was_failed = name in self._failed
+        self._clear_failure(name)  # `corral stop` of a failed model: try it afresh next time
         if not self._apps_of(name):
             await asyncio.to_thread(self._model_file, name)  # ModelNotFound
         async with self._changing:
@@ -614,7 +710,7 @@ class Controller:
         if name not in self._declared and not self._apps_of(name):
             self._on_demand.discard(name)
         await self._save()
-        return bool(gone)
+        return bool(gone) or was_failed
 
     async def placements(self) -> list[dict]:
         """What runs where, with the Serve status and the load of each placement (JSON-ready).
@@ -659,9 +755,43 @@ class Controller:
                     "declared": p.model in self._declared,
                     "app": app,
                     "status": state.status.value if state else "MISSING",
+                    "failure": None,
                 }
             )
-        return rows
+        return rows + [self._failed_row(f) for f in self._failed.values() if f.blocks(wall)]
+
+    def _failed_row(self, f: crashloop.Failure) -> dict:
+        """A model given up on, as a row of ``placements()``: no replica, and why."""
+        spec = self._spec_of(f.model)
+        return {
+            "in_flight": 0,
+            "idle_for": None,
+            "keep_alive": None,
+            "expires_at": None,
+            "held": False,
+            "pinned": spec.pinned,
+            "min": spec.replicas.min,
+            "max": spec.replicas.max,
+            "model": f.model,
+            "node": f.node,
+            "replicas": 0,
+            "context": None,
+            "threads": None,
+            "gpu_layers": None,
+            "ram": 0,
+            "vram": 0,
+            "path": None,
+            "reason": f.reason,
+            "declared": f.model in self._declared,
+            "app": app_name_for(f.model, f.node),
+            "status": "FAILED",
+            "failure": {
+                "reason": f.reason,
+                "since": f.since,
+                "retry_at": f.retry_at,
+                "attempts": f.attempts,
+            },
+        }
 
     async def ensure(self, model: str, cause: str = "request") -> list[Route]:
         """The placements serving ``model`` with their load, loading one if it has none.
@@ -671,6 +801,7 @@ class Controller:
         """
         await self._started()
         name = normalize_name(model)
+        self._refuse_if_failed(name)
         if not self._apps_of(name):
             await asyncio.to_thread(self._model_file, name)  # ModelNotFound
             task = self._loading.get(name)
@@ -705,6 +836,8 @@ class Controller:
         """Make the placements what ``specs`` ask for; the report says what failed."""
         await self._started()
         models = await self._resolve_all(specs)
+        for spec in specs:  # applying a file again is asking to try them all again
+            self._clear_failure(spec.name)
         async with self._changing:
             report = await self._plan(self._wanted(specs), models)
             self._declared = {s.name: s for s in specs}
@@ -852,9 +985,11 @@ class Controller:
                 )
             failed = await self._execute(new)
             if failed:
-                raise ModelLoadFailed(
-                    f"The model '{name}' failed to load: {next(iter(failed.values()))}"
-                )
+                why = next(iter(failed.values()))
+                self._fail_load_crashes(name, [c.placement for c in new], why)
+                raise ModelLoadFailed(f"The model '{name}' failed to load: {why}")
+            if name in self._failed:  # its back-off ran out and it loaded: on probation
+                self._retried_at[name] = time.time()
             if name not in self._declared:
                 self._on_demand.add(name)
             self._drop_lost(name)  # what a lost node ran of it is back
@@ -864,6 +999,19 @@ class Controller:
                 self._event(
                     "load", name, c.placement.node, f"requested; ready in {took:.1f}s", cause
                 )
+
+    def _fail_load_crashes(self, name: str, tried: list[Placement], why: str) -> None:
+        """A load whose process died (not one that raised) fails the model as a crash loop
+        does: the next requests get a 503 at once instead of crashing it again."""
+        for p in tried:
+            app = app_name_for(*p.key)
+            if self._deaths.pop(app, None):
+                self._failed[name] = crashloop.fail(
+                    self._failed.get(name), name, p.node, why, time.time()
+                )
+                self._retried_at.pop(name, None)
+                self._event("failed", name, p.node, why, "crash_loop")
+                return
 
     async def _make_room(self, name: str, attempt, placed) -> None:
         """Evict the least recently used idle placements until ``name`` fits (see
@@ -915,7 +1063,9 @@ class Controller:
             if c.op == "~" and not c.reload:  # only the replica count: the others keep running
                 await asyncio.to_thread(set_replicas, app_name_for(*c.after.key), c.after.replicas)
         starting = [c.after for c in changes if c.op == "+" or c.op == "~"]
+        self._starting.update(app_name_for(*p.key) for p in starting)
         for p in (c.after for c in changes if c.op == "+" or c.reload):
+            self._deployed_at[app_name_for(*p.key)] = time.time()
             await asyncio.to_thread(
                 serve._run,
                 replica_app(
@@ -929,7 +1079,10 @@ class Controller:
                 _blocking=False,
                 external_scaler_enabled=True,  # the controller owns replica counts
             )
-        failed = await self._wait_running(starting)
+        try:
+            failed = await self._wait_running(starting)
+        finally:
+            self._starting.difference_update(app_name_for(*p.key) for p in starting)
         for p in starting:
             label = _label(p)
             if label in failed:
@@ -958,7 +1111,11 @@ class Controller:
                 elif state.status == "RUNNING" and _running_replicas(state) == p.replicas:
                     del apps[app]
                 elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                    failed[_label(p)] = _last_line(_status_message(state))
+                    why = _last_line(_status_message(state))  # a crash: "ActorDiedError()"
+                    failed[_label(p)] = self._crash_loop_reason(app, p.node, 1) or why
+                    del apps[app]
+                elif (why := self._crash_loop_reason(app, p.node)) is not None:
+                    failed[_label(p)] = why  # Serve would try it again and again
                     del apps[app]
             if apps and time.monotonic() > deadline:
                 for app, p in apps.items():
@@ -1001,6 +1158,12 @@ class Controller:
             log_level=s.log_level,
             report_to=(CONTROLLER_ACTOR, NAMESPACE),
         )
+
+
+def _quietly(task: asyncio.Task) -> None:
+    """Done-callback of background work: a retry's failure is already an event."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.info("background work failed: %r", exc)
 
 
 def _demand_spec(model: str) -> ModelSpec:

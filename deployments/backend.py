@@ -21,10 +21,12 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.context import current_request
 from deployments.replica import REPLICA_DEPLOYMENT, Refused, StreamEvent
 from deployments.routing import Route, Router, Strategy, merge_load, retry_after
+from nodes.crashes import ProcessDeath, death_from_error
 from nodes.engine import Embeddings, GenerateRequest
-from nodes.errors import InvalidRequest, Overloaded, ServiceUnavailable
+from nodes.errors import InvalidRequest, ModelCrashed, Overloaded, ServiceUnavailable
 from nodes.models import LocalModel, normalize_name
 from nodes.store import Store
 
@@ -46,6 +48,9 @@ FAILED_FOR = 10.0
 # that is gone (its node left) or failed a request meanwhile sends it elsewhere.
 ADMIT_CHECK = 1.0
 MOVES = 3  # placements a request that was never admitted may try after the first
+# Replicas whose process may die on one request before it fails: a model that crashes on
+# every request must not take each request through every restart Serve makes.
+DEATHS_PER_REQUEST = 2
 
 
 class ModelBackend(Protocol):
@@ -260,14 +265,41 @@ class ServeBackend:
         self._failed[app] = now + FAILED_FOR
         self._routes.pop(normalize_name(model), None)
 
+    def _died(self, model: str, app: str, exc: BaseException, earlier: int) -> ProcessDeath:
+        """``app``'s replica process died serving a request: route around it, and tell the
+        controller, which counts deaths to find a placement that keeps crashing. Raises
+        ``ModelCrashed`` once the request has met ``DEATHS_PER_REQUEST`` deaths."""
+        self._failing(model, app, exc)
+        death = death_from_error(exc)
+        with contextlib.suppress(Exception):  # the controller may be restarting: only a count
+            self._controller().replica_died.remote(app, death)
+        ctx = current_request()  # a whole request run again (``gather``) counts as one
+        met = earlier + 1
+        if ctx is not None:
+            ctx.replica_deaths += 1
+            met = ctx.replica_deaths
+        if met >= DEATHS_PER_REQUEST:
+            node = self._placed.get(app, (model, "its node"))[1]
+            raise ModelCrashed(
+                f"The model '{model}' crashed while serving this request: its process on "
+                f"{node} died ({death.detail}), {met} times counting the retry. It was not "
+                f"tried again. `corral ps` shows whether the model is now marked failed, and "
+                f"why; the process's log is among Ray's logs on {node} "
+                f"(worker-*-{death.pid or 'PID'}.err).",
+                retry_after=5,
+            ) from exc
+        return death
+
     async def generate(
         self, model: str, request: GenerateRequest
     ) -> AsyncIterator[list[StreamEvent]]:
         """The replica's batches. A request that has produced nothing yet when its replica
         dies (or whose placement goes away while it waits for a replica) moves to another
-        placement, unseen by the caller; once text has come, it fails with the replica."""
+        placement, unseen by the caller; once text has come, it fails with the replica. A
+        request whose replica dies twice fails with ``ModelCrashed``."""
         avoid: set[str] = set()
         admitted = False  # the caller has had its [Admitted]
+        deaths = 0  # replica processes that died on this request
         while True:
             _give_up_after_moves(model, avoid)
             app, handle = await self._pick(model, frozenset(avoid))
@@ -289,9 +321,16 @@ class ServeBackend:
                             done = True
                             return
                     except RayActorError as exc:
-                        self._failing(model, app, exc)
+                        death = self._died(model, app, exc, deaths)
+                        deaths += 1
                         if output:
-                            raise
+                            raise ModelCrashed(
+                                f"The model '{model}' crashed while writing this answer: its "
+                                f"process on {self._placed.get(app, (model, '?'))[1]} died "
+                                f"({death.detail}). What was sent stands; retry the request.",
+                                retry_after=1,
+                                retryable=True,  # by one who has sent nothing yet
+                            ) from exc
                     avoid.add(app)
                 finally:
                     if not done:
@@ -326,8 +365,9 @@ class ServeBackend:
     async def embed(
         self, model: str, texts: Sequence[str], keep_alive: float | None = None
     ) -> Embeddings | Refused:
-        """One vector per text; a replica that dies first leaves the work to another."""
+        """One vector per text; a replica that dies first leaves the work to another (once)."""
         avoid: set[str] = set()
+        deaths = 0
         while True:
             _give_up_after_moves(model, avoid)
             app, handle = await self._pick(model, frozenset(avoid))
@@ -335,7 +375,8 @@ class ServeBackend:
                 try:
                     return await handle.embed.remote(list(texts), self.origin, keep_alive)
                 except RayActorError as exc:  # embedding twice is harmless
-                    self._failing(model, app, exc)
+                    self._died(model, app, exc, deaths)
+                    deaths += 1
                     avoid.add(app)
 
     async def cluster_nodes(self) -> list[dict[str, Any]]:

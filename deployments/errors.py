@@ -57,6 +57,10 @@ _KINDS: dict[str, tuple[int, str, str | None]] = {
     # A download from a registry, a URL or the head failed: the fault is upstream.
     "pull_failed": (502, "server_error", "pull_failed"),
     "unavailable": (503, "server_error", "service_unavailable"),
+    # The model's process died on this request twice: a bad gateway, as a proxy says of a
+    # backend that dropped the connection (not worth retrying at once).
+    "model_crashed": (502, "server_error", "model_crashed"),
+    "model_failed": (503, "server_error", "model_failed"),
     # OpenAI's rate-limit shape: its SDKs retry a 429 after Retry-After by themselves.
     "overloaded": (429, "rate_limit_error", "overloaded"),
     # API keys (deployments/auth.py): OpenAI's own codes for these.

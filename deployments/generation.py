@@ -19,13 +19,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from ray.exceptions import RayActorError
-
 from deployments.backend import ModelBackend
 from deployments.context import current_request
 from deployments.metrics import ApiMetrics, recording
 from deployments.replica import Admitted, Refused, StreamEvent
 from nodes.engine import Embeddings, Finished, GenerateRequest, TextDelta
+from nodes.errors import ModelCrashed
 
 log = logging.getLogger("corral.generation")
 
@@ -94,12 +93,13 @@ async def gather(stream: Stream, again: Callable[[], Awaitable[Stream]] | None =
     """The text and the ``Finished`` event of a whole generation; closes the stream.
 
     If the replica dies midway, nothing has reached the client yet: ``again`` (when
-    given) opens the generation anew, on another placement, once.
+    given) opens the generation anew, on another placement, once. A second death of the
+    request's replica (the backend counts them per request) is final.
     """
     try:
         return await _gather(stream)
-    except RayActorError as exc:
-        if again is None:
+    except ModelCrashed as exc:
+        if again is None or not exc.retryable:
             raise
         log.warning("the replica died before the answer was whole; running it again: %r", exc)
         return await _gather(await again())

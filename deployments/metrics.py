@@ -79,7 +79,7 @@ SPEED_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 # ``_event``) each counts, labelled by model, node and the event's reason category.
 EVENT_COUNTERS: dict[str, str] = {
     "corral_cold_starts": "Placements loaded because a model with no replica was asked for "
-    "(reason: request, or load for Ollama's empty prompt).",
+    "(reason: request, load for Ollama's empty prompt, or retry of a failed one).",
     "corral_evictions": "Idle placements unloaded to make room for another model "
     "(reason: make_room).",
     "corral_unloads": "Placements or replicas unloaded (reason: keep_alive, low_load, asked).",
@@ -91,6 +91,8 @@ EVENT_COUNTERS: dict[str, str] = {
     "(reason: node_lost).",
     "corral_replacements_failed": "Lost placements that fit on no node left (reason: "
     "node_lost); tried again when a node joins.",
+    "corral_placements_failed": "Placements given up on because their model process kept "
+    "crashing, or crashed while loading (reason: crash_loop); tried again after a back-off.",
 }
 EVENT_KINDS: dict[str, str] = {
     "load": "corral_cold_starts",
@@ -102,6 +104,7 @@ EVENT_KINDS: dict[str, str] = {
     "lost": "corral_placements_lost",
     "replace": "corral_replacements",
     "not_replaced": "corral_replacements_failed",
+    "failed": "corral_placements_failed",
 }
 
 _recording: ContextVar[ApiMetrics | None] = ContextVar("corral_metrics", default=None)

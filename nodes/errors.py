@@ -91,6 +91,26 @@ class ServiceUnavailable(CorralError):
         self.retry_after = retry_after
 
 
+class ModelCrashed(ServiceUnavailable):
+    """The model's process died while serving the request: again where it was retried, or
+    after part of the answer was out (``retryable``: a caller that has sent the client
+    nothing yet may run it once more)."""
+
+    kind = "model_crashed"
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, retryable: bool = False
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.retryable = retryable
+
+
+class ModelFailed(ServiceUnavailable):
+    """The model's placement kept crashing and was given up on until its back-off ends."""
+
+    kind = "model_failed"
+
+
 class Overloaded(CorralError):
     """Every replica of the model holds as many requests as it may: retry a little later."""
 

@@ -594,7 +594,8 @@ def running_models(
     """
     by_model: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        by_model.setdefault(row["model"], []).append(row)
+        if row.get("failure") is None:  # a model given up on runs nowhere
+            by_model.setdefault(row["model"], []).append(row)
     running = []
     for name, placed in by_model.items():
         model = models.get(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from cluster.cli_ps import api_url, ps_table
+from cluster.cli_ps import api_url, failure_lines, ps_table
 
 NOW = 1_800_000_000.0
 
@@ -58,6 +58,16 @@ def test_a_loading_placement_and_vram_show():
     _, line = render([row(status="DEPLOYING", replicas=2, vram=1024**3, pinned=True)])
     assert line[2:4] == ["2", "(deploying)"]
     assert line[-7:] == ["yes", "4.0", "GiB", "+", "2.0", "GiB", "VRAM"]  # both replicas
+
+
+def test_a_failed_model_says_when_it_is_retried_and_why():
+    why = "its process on gpubox crashed 3 times in 5s; last: SIGSEGV (Segmentation fault)"
+    failure = {"reason": why, "since": NOW - 5, "retry_at": NOW + 25, "attempts": 1}
+    failed = row(status="FAILED", replicas=0, ram=0, idle_for=None, failure=failure)
+    _, line = render([failed])
+    assert line[:7] == ["llama3.2:1b", "gpubox", "0", "(failed)", "0", "-", "retry"]
+    assert line[7] == "in" and line[8] == "25s"
+    assert failure_lines([row(), failed]) == [f"llama3.2:1b on gpubox FAILED: {why}"]
 
 
 @pytest.mark.parametrize(
