@@ -321,16 +321,10 @@ class ServeBackend:
                             done = True
                             return
                     except RayActorError as exc:
-                        death = self._died(model, app, exc, deaths)
+                        self._died(model, app, exc, deaths)
                         deaths += 1
-                        if output:
-                            raise ModelCrashed(
-                                f"The model '{model}' crashed while writing this answer: its "
-                                f"process on {self._placed.get(app, (model, '?'))[1]} died "
-                                f"({death.detail}). What was sent stands; retry the request.",
-                                retry_after=1,
-                                retryable=True,  # by one who has sent nothing yet
-                            ) from exc
+                        if output:  # its process or its node went away: a 503 to retry
+                            raise
                     avoid.add(app)
                 finally:
                     if not done:

@@ -19,12 +19,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from ray.exceptions import RayActorError
+
 from deployments.backend import ModelBackend
 from deployments.context import current_request
 from deployments.metrics import ApiMetrics, recording
 from deployments.replica import Admitted, Refused, StreamEvent
 from nodes.engine import Embeddings, Finished, GenerateRequest, TextDelta
-from nodes.errors import ModelCrashed
 
 log = logging.getLogger("corral.generation")
 
@@ -98,8 +99,8 @@ async def gather(stream: Stream, again: Callable[[], Awaitable[Stream]] | None =
     """
     try:
         return await _gather(stream)
-    except ModelCrashed as exc:
-        if again is None or not exc.retryable:
+    except RayActorError as exc:
+        if again is None:
             raise
         log.warning("the replica died before the answer was whole; running it again: %r", exc)
         return await _gather(await again())

@@ -92,17 +92,9 @@ class ServiceUnavailable(CorralError):
 
 
 class ModelCrashed(ServiceUnavailable):
-    """The model's process died while serving the request: again where it was retried, or
-    after part of the answer was out (``retryable``: a caller that has sent the client
-    nothing yet may run it once more)."""
+    """The model's process died while serving the request, and again where it was retried."""
 
     kind = "model_crashed"
-
-    def __init__(
-        self, message: str, *, retry_after: float | None = None, retryable: bool = False
-    ) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.retryable = retryable
 
 
 class ModelFailed(ServiceUnavailable):
