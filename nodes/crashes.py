@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
+import psutil
+
 NOTE_SUFFIX = ".crash"
 # How many innermost frames of the crashing thread a crash's summary names.
 FRAMES_SHOWN = 3
@@ -93,7 +95,7 @@ class CrashNotes:
         removed. A gone process's empty note (killed without a fatal signal, or stopped
         too hard to clean up) is removed without a report: the caller that saw it die
         reports that death, if it happened while serving."""
-        alive = alive or _pid_alive
+        alive = alive or psutil.pid_exists
         deaths = []
         for path in sorted(self.directory.glob(f"*{NOTE_SUFFIX}")):
             try:
@@ -153,13 +155,3 @@ def _ray_reason(text: str) -> str:
             line = rest.split(". ", 1)[0].strip().rstrip(".")
             return f"its process died ({line})" if line else "its process died"
     return "its process died"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
