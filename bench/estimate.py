@@ -60,9 +60,11 @@ FILLER = (
     "saw and the state of the sea in a leather-bound log that nobody else ever read. "
 )
 
-# A verbose load in a fresh interpreter: llama.cpp logs its buffer sizes to stderr.
+# A verbose load in a fresh interpreter: llama.cpp logs its buffer sizes to stderr. Without
+# extra buffer types (AMX, repack), as the estimate counts (see tests/unit/test_gguf.py).
 LOAD_VERBOSE = (
-    "import sys, llama_cpp; "
+    "import sys, llama_cpp; from nodes.cpu_kernels import extra_bufts\n"
+    "with extra_bufts(False): "
     "llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), "
     "verbose=True)"
 )

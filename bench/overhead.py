@@ -141,10 +141,14 @@ def llama_stack(threads: int) -> tuple[Pieces, Reference]:
     """llama-cpp-python's own streaming chat: the baseline everything is compared to."""
     from llama_cpp import Llama
 
-    llm = Llama(
-        str(starter_model_path()), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
-        verbose=False,
-    )  # fmt: skip
+    from nodes import cpu_kernels
+
+    # The CPU kernels Corral's engine uses on this box: like with like, and no AMX crash.
+    with cpu_kernels.extra_bufts(cpu_kernels.current().extra_bufts):
+        llm = Llama(
+            str(starter_model_path()), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads,
+            verbose=False,
+        )  # fmt: skip
     args = {"max_tokens": MAX_TOKENS, "temperature": 0, "seed": SEED}
 
     def pieces(prompt: str) -> Iterator[tuple[str, bool]]:

@@ -16,7 +16,7 @@ from rich.table import Table
 from cluster.cli import ConfigOption, app, console, fail, load
 from cluster.inventory import NodeStatus
 from cluster.settings import CorralSettings
-from nodes.agent import NodePlan, NodeSettings
+from nodes.agent import LABEL_CPU_KERNELS, NodePlan, NodeSettings
 
 node_app = typer.Typer(
     help="Join this box to a Corral cluster, or take it out.", no_args_is_help=True
@@ -130,6 +130,8 @@ def _print_plan(plan: NodePlan) -> None:
         f"As {offer.role} {offer.name!r} it offers {offer.memory / GIB:.1f} GiB RAM and {vram} "
         f"for models."
     )
+    if plan.kernels is not None:
+        say(f"CPU kernels (llama.cpp): {plan.kernels.label}: {plan.kernels.reason}.")
 
 
 def say(text: str) -> None:
@@ -161,7 +163,8 @@ def nodes(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Every node of the cluster: role, state, CPU, RAM, GPU and VRAM, models."""
+    """Every node of the cluster: role, state, CPU and its llama.cpp kernels, RAM, GPU and
+    VRAM, models."""
     from cluster.server import StartupError
 
     settings = load(config, state_dir=state_dir, ray_address=address)
@@ -203,8 +206,9 @@ def fetch_nodes(settings: CorralSettings) -> list[NodeStatus]:
 
 def nodes_table(statuses: list[NodeStatus]) -> Table:
     table = Table(title="Corral nodes", title_justify="left")
-    for column in ("node", "role", "state", "CPU", "RAM used/total", "GPU", "VRAM used/total"):
+    for column in ("node", "role", "state", "CPU", "CPU kernels", "RAM used/total", "GPU"):
         table.add_column(column)
+    table.add_column("VRAM used/total")
     table.add_column("models")
     for s in statuses:
         state = "[green]up[/]" if s.state == "up" else f"[red]down[/] ({s.note})"
@@ -216,6 +220,7 @@ def nodes_table(statuses: list[NodeStatus]) -> Table:
             s.role,
             state,
             f"{s.cpu_cores} cores" if s.cpu_cores else "-",
+            s.labels.get(LABEL_CPU_KERNELS, "-"),
             _used_total(s.ram_used, s.ram_total),
             gpus,
             _used_total(vram_used, vram_total) if s.gpus else "-",

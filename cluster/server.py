@@ -21,7 +21,8 @@ from cluster.settings import CorralSettings
 from deployments.auth import keys_path
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
-from nodes.agent import LABEL_NODE, LABEL_ROLE, NodeRecord
+from nodes import cpu_kernels
+from nodes.agent import LABEL_CPU_KERNELS, LABEL_NODE, LABEL_ROLE, NodeRecord
 from nodes.rayenv import SYSTEM_CONFIG, ensure_token, token_path, use_in_this_process
 
 
@@ -162,12 +163,13 @@ def _init_ray(settings: CorralSettings) -> bool:
         return False
     use_in_this_process(ensure_token(token_path(state)))  # inherited by the Ray processes
     name = settings.node.name or socket.gethostname()
+    kernels = cpu_kernels.current()  # probed once per box, then cached; replicas reuse it
     ray.init(
         address="local",  # a new cluster, never one Ray finds running on this box
         namespace=NAMESPACE,
         include_dashboard=settings.dashboard,
         dashboard_host="127.0.0.1",
-        labels={LABEL_NODE: name, LABEL_ROLE: "head"},
+        labels={LABEL_NODE: name, LABEL_ROLE: "head", LABEL_CPU_KERNELS: kernels.slug},
         logging_level="warning",
         _system_config=SYSTEM_CONFIG,
     )

@@ -25,6 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 
+from nodes import cpu_kernels
+from nodes.cpu_kernels import CpuKernels
 from nodes.hardware import INVENTORY_FILE_ENV, NodeInventory, load_inventory, probe
 from nodes.rayenv import ensure_token, ray_env, system_config_json, use_in_this_process
 
@@ -33,6 +35,8 @@ MIB = 1024**2
 RECORD_FILE = "node.json"
 LOG_FILE = "node.log"
 LABEL_NODE, LABEL_GPU, LABEL_ROLE = "corral.node", "corral.gpu", "corral.role"
+# The CPU kernels llama.cpp uses on the box: "amx-repack", "repack", "amx" or "plain".
+LABEL_CPU_KERNELS = "corral.cpu_kernels"
 VRAM_RESOURCE = "vram_mib"  # the custom Ray resource that counts a node's VRAM for models
 _LABEL_OK = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 
@@ -135,10 +139,14 @@ class NodeOffer(BaseModel):
     object_store_memory: int
     num_gpus: int
     vram_mib: int  # VRAM for models, all GPUs together
+    cpu_kernels: str | None = None  # label value (CpuKernels.slug); None: not probed
 
     @property
     def labels(self) -> dict[str, str]:
-        return {LABEL_NODE: self.name, LABEL_GPU: self.gpu, LABEL_ROLE: self.role}
+        labels = {LABEL_NODE: self.name, LABEL_GPU: self.gpu, LABEL_ROLE: self.role}
+        if self.cpu_kernels is not None:
+            labels[LABEL_CPU_KERNELS] = self.cpu_kernels
+        return labels
 
 
 def slug(text: str) -> str:
@@ -160,8 +168,14 @@ def object_store_size(ram_total: int) -> int:
     return max(128 * MIB, min(1024 * MIB, ram_total // 20))
 
 
-def plan_offer(inventory: NodeInventory, settings: NodeSettings, role: Role) -> NodeOffer:
-    """The resources a box offers: what it has, minus reserves, within the caps."""
+def plan_offer(
+    inventory: NodeInventory,
+    settings: NodeSettings,
+    role: Role,
+    cpu_kernels: str | None = None,
+) -> NodeOffer:
+    """The resources a box offers: what it has, minus reserves, within the caps;
+    ``cpu_kernels`` (a ``CpuKernels.slug``) becomes the ``corral.cpu_kernels`` label."""
     object_store = object_store_size(inventory.ram_total)
     memory = inventory.ram_total - settings.reserve_ram - object_store
     if settings.max_ram is not None:
@@ -183,6 +197,7 @@ def plan_offer(inventory: NodeInventory, settings: NodeSettings, role: Role) -> 
         object_store_memory=object_store,
         num_gpus=len(inventory.gpus),
         vram_mib=vram // MIB,
+        cpu_kernels=cpu_kernels,
     )
 
 
@@ -458,6 +473,7 @@ class NodePlan:
     command: list[str]
     env: dict[str, str]
     address: str  # the cluster's address: the head's HOST:PORT
+    kernels: CpuKernels | None = None  # llama.cpp's CPU kernels on this box
 
 
 # Ray puts Unix sockets at <temp_dir>/session_<date>_<time>_<pid>/sockets/plasma_store,
@@ -474,11 +490,23 @@ def check_temp_dir(path: Path | None) -> None:
         )
 
 
-def plan_node(settings: NodeSettings, *, address: str | None, token: Path) -> NodePlan:
-    """Probe (or read the declared hardware), size the offer, build the command."""
+def plan_node(
+    settings: NodeSettings,
+    *,
+    address: str | None,
+    token: Path,
+    kernels: CpuKernels | None = None,
+) -> NodePlan:
+    """Probe (or read the declared hardware), size the offer, build the command.
+
+    The CPU kernels are this box's even with declared hardware: its replicas run
+    here. ``kernels`` replaces the probe (``cpu_kernels.current()``)."""
     check_temp_dir(settings.temp_dir)
     inventory = load_inventory(settings.inventory_file) if settings.inventory_file else probe()
-    offer = plan_offer(inventory, settings, "head" if address is None else "worker")
+    if kernels is None:
+        kernels = cpu_kernels.current()
+    role: Role = "head" if address is None else "worker"
+    offer = plan_offer(inventory, settings, role, kernels.slug)
     command = ray_start_command(offer, settings, address=address, ray=ray_executable())
     return NodePlan(
         inventory=inventory,
@@ -486,6 +514,7 @@ def plan_node(settings: NodeSettings, *, address: str | None, token: Path) -> No
         command=command,
         env=node_env(token, settings),
         address=address or head_address(settings),
+        kernels=kernels,
     )
 
 

@@ -24,6 +24,7 @@ from jinja2 import TemplateError
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
+from nodes import cpu_kernels
 from nodes.engine import (
     Embeddings,
     EngineInfo,
@@ -69,13 +70,19 @@ def grammar_for(params: SamplingParams) -> str | None:
 
 
 class LlamaCppEngine:
-    """One GGUF model loaded in llama.cpp, used one call at a time."""
+    """One GGUF model loaded in llama.cpp, used one call at a time.
+
+    ``kernels`` says which CPU kernels llama.cpp uses for it on this box (see
+    ``nodes/cpu_kernels.py``)."""
 
     def __init__(self, spec: EngineSpec) -> None:
         check_gguf(spec.path)
         self._spec = spec
         self._threads = spec.n_threads or default_threads()
         started = time.perf_counter()
+        # Probed once per box (a child process), then a cache lookup: see cpu_kernels.
+        self.kernels = cpu_kernels.current()
+        log.info("%s: CPU kernels %s (%s)", spec.model, self.kernels.label, self.kernels.reason)
         self._llm = self._load(embedding=False, n_ctx=spec.n_ctx)
         self._embedder: llama_cpp.Llama | None = None
         metadata = self._llm.metadata
@@ -105,16 +112,17 @@ class LlamaCppEngine:
             # the two contexts share them in the page cache.
             kwargs = {"n_batch": n_ctx, "n_ubatch": n_ctx, "pooling_type": self._pooling}
         try:
-            return llama_cpp.Llama(
-                self._spec.path,
-                n_ctx=n_ctx,
-                n_threads=self._threads,
-                n_threads_batch=self._threads,
-                n_gpu_layers=self._spec.n_gpu_layers,
-                embedding=embedding,
-                verbose=False,
-                **kwargs,
-            )
+            with cpu_kernels.extra_bufts(self.kernels.extra_bufts):
+                return llama_cpp.Llama(
+                    self._spec.path,
+                    n_ctx=n_ctx,
+                    n_threads=self._threads,
+                    n_threads_batch=self._threads,
+                    n_gpu_layers=self._spec.n_gpu_layers,
+                    embedding=embedding,
+                    verbose=False,
+                    **kwargs,
+                )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadFailed(
                 f"llama.cpp could not load {self._spec.model} from {self._spec.path}: {exc}. "

@@ -69,6 +69,12 @@ def test_the_playbook_parses():
     assert "playbook: site.yml" in out.stdout
 
 
+def test_the_role_builds_the_llama_cpp_python_that_corral_pins():
+    defaults = yaml.safe_load((ANSIBLE / "roles/corral/defaults/main.yml").read_text())
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"llama-cpp-python=={defaults['corral_llama_version']}" in pins
+
+
 @dataclass
 class Provisioned:
     root: Path
@@ -162,6 +168,8 @@ def test_corral_is_installed_at_the_pinned_version(provisioned):
         [provisioned.venv / "bin/corral", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"corral {VERSION}"
+    # llama-cpp-python from the role's own build, one per set of flags (see install.yml)
+    assert len(list(provisioned.venv.glob(".llama-*"))) == 1
 
 
 def test_the_units_run_corral_node_start(provisioned):

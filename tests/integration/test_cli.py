@@ -121,16 +121,20 @@ def test_node_start_dry_run_shows_inventory_and_command_and_starts_nothing(tmp_p
     r = subprocess.run(
         [CORRAL, "node", "start", "--address", "10.0.0.2:6379", "--inventory", str(fixture),
          "--reserve-ram", "4GiB", "--dry-run", "--state-dir", str(tmp_path)],
+        # The box's own CPU kernels otherwise (probed): the override makes them known.
+        env={**os.environ, "CORRAL_LLAMA_EXTRA_BUFTS": "off"},
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "As worker 'gpubox' it offers 59.0 GiB RAM and 23.5 GiB VRAM" in r.stderr
+    assert "CPU kernels (llama.cpp): plain (extra buffer types off by" in r.stderr
     command = r.stdout.strip().splitlines()[-1]
     assert command.endswith(" start --address=10.0.0.2:6379 --memory=63350767616"
                             " --object-store-memory=1073741824 --num-gpus=1"
                             " '--resources={\"vram_mib\": 24064}'"
                             " --labels=corral.node=gpubox,corral.gpu=nvidia-geforce-rtx-3090,"
-                            "corral.role=worker --dashboard-agent-listen-port=52365"
+                            "corral.role=worker,corral.cpu_kernels=plain"
+                            " --dashboard-agent-listen-port=52365"
                             " --disable-usage-stats --block")  # fmt: skip
     assert "hostname: gpubox" in r.stdout and "NVIDIA GeForce RTX 3090" in r.stdout
     assert not (tmp_path / "node.json").exists()

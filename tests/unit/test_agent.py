@@ -19,11 +19,13 @@ from nodes.agent import (
     check_name,
     check_reachable,
     check_temp_dir,
+    plan_node,
     plan_offer,
     ray_start_command,
     slug,
     stop_node,
 )
+from nodes.cpu_kernels import BuildFeatures, ProbeOutcome, decide
 from nodes.hardware import load_inventory
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nodes"
@@ -77,6 +79,39 @@ def test_head_command():
     config = next(a for a in cmd if a.startswith("--system-config="))
     assert json.loads(config.split("=", 1)[1])["health_check_period_ms"] == 1000
     assert cmd[-1] == "--block"
+
+
+def test_the_cpu_kernels_become_a_label():
+    offer = plan_offer(inventory("minipc-n100-ram16g"), NodeSettings(), "head", "amx-repack")
+    assert offer.labels["corral.cpu_kernels"] == "amx-repack"
+    cmd = ray_start_command(offer, NodeSettings(), address=None)
+    assert (
+        "--labels=corral.node=minipc,corral.gpu=none,corral.role=head,"
+        "corral.cpu_kernels=amx-repack" in cmd
+    )
+
+
+@pytest.mark.parametrize("outcome", [ProbeOutcome(True, "ok"), ProbeOutcome(False, "crashed: X")])
+@pytest.mark.parametrize("amx", [True, False])
+def test_every_cpu_kernels_slug_is_a_valid_label_value(outcome, amx):
+    build = BuildFeatures(amx_int8=amx, avx512_vnni=amx, repack=True)
+    for override in ("auto", "on", "off"):
+        kernels = decide(build, amx, override, outcome)
+        assert check_name(kernels.slug) == kernels.slug  # Ray's label value rules
+
+
+def test_plan_node_labels_the_box_with_its_cpu_kernels(tmp_path):
+    fixture = FIXTURES / "gpu-rtx3090-24g-ram64g.yaml"
+    kernels = decide(BuildFeatures(repack=True), True, "auto", ProbeOutcome(True, "ok"))
+    plan = plan_node(
+        NodeSettings(inventory_file=fixture),
+        address="10.0.0.2:6379",
+        token=tmp_path / "ray-token",
+        kernels=kernels,
+    )
+    assert plan.kernels is kernels
+    assert plan.offer.labels["corral.cpu_kernels"] == "repack"
+    assert any(a.endswith(",corral.cpu_kernels=repack") for a in plan.command)
 
 
 def test_worker_command_with_a_gpu_and_custom_ports():

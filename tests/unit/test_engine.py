@@ -43,10 +43,14 @@ def chat(text: str, **params) -> GenerateRequest:
 
 @pytest.fixture(scope="module")
 def reference(starter_path: Path):
-    """llama-cpp-python's own high-level API on the same file: the expected behaviour."""
+    """llama-cpp-python's own high-level API on the same file: the expected behaviour, with
+    the CPU kernels the engine uses on this box (other kernels round differently)."""
     from llama_cpp import Llama
 
-    llm = Llama(str(starter_path), n_ctx=512, n_threads=2, verbose=False)
+    from nodes import cpu_kernels
+
+    with cpu_kernels.extra_bufts(cpu_kernels.current().extra_bufts):
+        llm = Llama(str(starter_path), n_ctx=512, n_threads=2, verbose=False)
     yield llm
     llm.close()
 

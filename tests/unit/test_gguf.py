@@ -46,9 +46,13 @@ LLAMACPP_BUFFERS_MIB = {
 }
 COMPUTE_TOLERANCE = 0.03  # compute_ram (graph + output) against logged compute + output
 
-# Loads the model verbosely in a fresh interpreter; llama.cpp logs to stderr.
+# Loads the model verbosely in a fresh interpreter; llama.cpp logs to stderr. Without
+# llama.cpp's extra buffer types (AMX, repack), as the estimate counts: where a box uses
+# them (nodes/cpu_kernels.py) their repacked copy stands in for the mapped pages of the same
+# weights, which stay only as reclaimable page cache.
 LOAD_VERBOSE = (
-    "import sys, llama_cpp; "
+    "import sys, llama_cpp; from nodes.cpu_kernels import extra_bufts\n"
+    "with extra_bufts(False): "
     "llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=2, verbose=True)"
 )
 BUFFER_LINE = re.compile(r"\b(model|KV|compute|output) buffer size\s*=\s*([0-9.]+) MiB")
