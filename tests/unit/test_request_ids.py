@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -106,5 +107,11 @@ def test_a_clients_own_id_is_kept_when_sane(url):
 
 def test_the_access_log_line_carries_the_id(url, log_lines):
     response = httpx.get(f"{url}/api/tags")
-    line = next(x for x in log_lines.getvalue().splitlines() if "GET /api/tags" in x)
+    # The server writes the line once the response is out: on a busy box, after the client
+    # has it. Wait for it (bounded) rather than read the log at once.
+    deadline = time.monotonic() + 10
+    while not (lines := [x for x in log_lines.getvalue().splitlines() if "GET /api/tags" in x]):
+        assert time.monotonic() < deadline, "no access log line for GET /api/tags"
+        time.sleep(0.01)
+    line = lines[0]
     assert f"[req={rid(response)}]" in line and " 200 " in line
