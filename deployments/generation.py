@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ray.exceptions import RayActorError
 
@@ -25,7 +25,15 @@ from deployments.backend import ModelBackend
 from deployments.context import current_request
 from deployments.metrics import ApiMetrics, recording
 from deployments.replica import Admitted, Refused, StreamEvent
-from nodes.engine import Embeddings, Finished, GenerateRequest, TextDelta
+from nodes.chat_output.calls import ToolCall
+from nodes.engine import (
+    Embeddings,
+    Finished,
+    GenerateRequest,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallEvent,
+)
 
 log = logging.getLogger("corral.generation")
 
@@ -38,6 +46,8 @@ class Result:
 
     text: str
     finished: Finished
+    thinking: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 async def open_generation(backend: ModelBackend, model: str, greq: GenerateRequest) -> Stream:
@@ -79,7 +89,8 @@ class _Measured:
     async def __anext__(self) -> list[StreamEvent]:
         batch = await anext(self._stream)
         for event in batch:
-            if isinstance(event, TextDelta | Finished) and not self._output_seen:
+            output = TextDelta | ThinkingDelta | ToolCallEvent | Finished
+            if isinstance(event, output) and not self._output_seen:
                 self._output_seen = True
                 self._metrics.first_token(self._model, time.perf_counter() - self._started)
             if isinstance(event, Finished):
@@ -108,19 +119,25 @@ async def gather(stream: Stream, again: Callable[[], Awaitable[Stream]] | None =
 
 async def _gather(stream: Stream) -> Result:
     parts: list[str] = []
+    thoughts: list[str] = []
+    calls: list[ToolCall] = []
     finished: Finished | None = None
     try:
         async for batch in stream:
             for event in batch:
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
+                elif isinstance(event, ThinkingDelta):
+                    thoughts.append(event.text)
+                elif isinstance(event, ToolCallEvent):
+                    calls.append(event.call)
                 elif isinstance(event, Finished):
                     finished = event
     finally:
         await stream.aclose()
     if finished is None:
         raise RuntimeError("the replica's stream ended without a Finished event")
-    return Result(text="".join(parts), finished=finished)
+    return Result("".join(parts), finished, "".join(thoughts), calls)
 
 
 async def embed(

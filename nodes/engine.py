@@ -18,21 +18,33 @@ picklable data so it can cross Ray process boundaries.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from nodes.chat_output.calls import Think, Tool, ToolCall, ToolChoice
 from nodes.errors import ContextLengthExceeded, InvalidRequest
+
+if TYPE_CHECKING:
+    from nodes.chat_output.plan import OutputPlan
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One turn of a conversation, already reduced to text."""
+    """One turn of a conversation: its text, and what tool turns and thinkers add.
+
+    An assistant turn may carry the ``tool_calls`` it made and its ``thinking``; a
+    ``tool`` turn is a call's result, for the call ``tool_call_id`` of ``tool_name``.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+    tool_name: str = ""
+    thinking: str = ""
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -109,10 +121,36 @@ class GenerateRequest:
     # Seconds the model should stay loaded after this request, Ollama's keep_alive
     # (0: unload at once; inf: never); None: the model's own setting.
     keep_alive: float | None = None
+    # Functions the model may call (chats only), and whether it may, must or must not.
+    # A forced call is one call unless parallel_tool_calls (llama-server's default too:
+    # a small model allowed more repeats the same call until max_tokens).
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = False
+    # Thinking: on, off, or a level; None: the template's default (a thinker thinks).
+    think: Think | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("a GenerateRequest has exactly one of messages or prompt")
+
+
+class Prompt(list[int]):
+    """The tokens ``Engine.encode`` made, and how to read the output that follows them.
+
+    It is a list of tokens like any other; ``output`` (None for a raw prompt) is the
+    plan the engine made from the chat's tools and thinking, which ``generate``,
+    given the same object, follows.
+    """
+
+    __slots__ = ("output",)
+
+    def __init__(self, tokens: Iterable[int] = (), output: OutputPlan | None = None) -> None:
+        super().__init__(tokens)
+        self.output = output
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (list(self), self.output))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +180,21 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ThinkingDelta:
+    """New thinking text (the model's reasoning, without its tags)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallEvent:
+    """One whole tool call the model made; ``index`` counts calls from 0 in this output."""
+
+    index: int
+    call: ToolCall
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The last event of every generation."""
 
@@ -150,7 +203,7 @@ class Finished:
     timings: Timings
 
 
-GenerationEvent = TextDelta | Finished
+GenerationEvent = TextDelta | ThinkingDelta | ToolCallEvent | Finished
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,15 +248,18 @@ class Engine(Protocol):
     def encode(self, request: GenerateRequest) -> list[int]:
         """Render the prompt (chat template for messages) and tokenize it.
 
-        Raises ``InvalidRequest`` for input the model cannot take and
-        ``ContextLengthExceeded`` when no token would fit after the prompt.
+        Raises ``InvalidRequest`` for input the model cannot take (tools or thinking
+        its template lacks among them) and ``ContextLengthExceeded`` when no token
+        would fit after the prompt. A chat's tokens come as a ``Prompt`` whose plan
+        ``generate`` follows.
         """
         ...
 
     def generate(
         self, tokens: list[int], params: SamplingParams, cancel: threading.Event
     ) -> Iterator[GenerationEvent]:
-        """Yield text as it is produced, then exactly one ``Finished``.
+        """Yield text, thinking and tool calls as they are produced, then exactly one
+        ``Finished``.
 
         Stops early with reason ``cancelled`` once ``cancel`` is set.
         """

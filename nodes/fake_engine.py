@@ -3,7 +3,8 @@
 It speaks the same protocol as ``LlamaCppEngine`` and honours the same
 settings that matter to the layers above it (max_tokens, stop sequences,
 context length, cancellation), but its "model" is a word list: the same
-prompt and seed always give the same words, at a set delay per token.
+prompt and seed always give the same words, at a set delay per token. Tools
+and thinking are accepted and ignored: the words are always the answer.
 
 Options (``EngineSpec.options``):
 

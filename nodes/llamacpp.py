@@ -25,6 +25,17 @@ from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatte
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from nodes import cpu_kernels
+from nodes.chat_output.known_templates import effective_template
+from nodes.chat_output.plan import (
+    OutputPlan,
+    check_request,
+    offers_tools,
+    plan_output,
+    template_kwargs,
+    template_messages,
+)
+from nodes.chat_output.reader import OutputReader
+from nodes.chat_output.template import THINK_TAGS, TemplateCaps, probe
 from nodes.engine import (
     Embeddings,
     EngineInfo,
@@ -33,9 +44,9 @@ from nodes.engine import (
     FinishReason,
     GenerateRequest,
     GenerationEvent,
+    Prompt,
     SamplingParams,
     StopMatcher,
-    TextDelta,
     Timings,
     Usage,
     check_prompt_fits,
@@ -67,6 +78,11 @@ def grammar_for(params: SamplingParams) -> str | None:
                 f"The JSON schema cannot be turned into a grammar: {exc}", param="response_format"
             ) from exc
     return JSON_GBNF if params.json_mode else None
+
+
+# Markup that some vocabularies hold as special tokens, which detokenizing leaves out
+# unless asked: a plan's parser must see them (llama-server's "preserved tokens").
+MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>")
 
 
 class LlamaCppEngine:
@@ -131,7 +147,7 @@ class LlamaCppEngine:
 
     def _chat_formatter(self) -> Jinja2ChatFormatter:
         llm = self._llm
-        template = llm.metadata.get("tokenizer.chat_template")
+        template = effective_template(llm.metadata.get("tokenizer.chat_template"))
         if not template:
             log.warning("%s has no chat template; using ChatML", self._spec.model)
             template = CHATML_CHAT_TEMPLATE
@@ -143,18 +159,64 @@ class LlamaCppEngine:
             add_generation_prompt=True,
         )
 
+    @functools.cached_property
+    def caps(self) -> TemplateCaps:
+        """What the model's chat template supports: probed once, by rendering it."""
+        formatter = self._formatter
+
+        def render(messages: list[dict], tools: list[dict] | None) -> str:
+            return formatter(messages=messages, tools=tools).prompt
+
+        return probe(formatter.template, render)
+
+    @functools.cached_property
+    def _markup_tokens(self) -> frozenset[int]:
+        """The tokens that are, whole, one piece of tool-call or thinking markup."""
+        found = set()
+        for mark in (*MARKUP, *(tag for pair in THINK_TAGS for tag in pair)):
+            tokens = self._llm.tokenize(mark.encode("utf-8"), add_bos=False, special=True)
+            if len(tokens) == 1:
+                found.add(tokens[0])
+        return frozenset(found)
+
+    def _render_chat(self, request: GenerateRequest) -> str:
+        """The chat's prompt by the model's own template, with tools and thinking."""
+        assert request.messages is not None
+        caps = self.caps
+        check_request(self._spec.model, caps, request.tools, request.tool_choice, request.think)
+        offered = offers_tools(request.tools, request.tool_choice)
+        try:
+            return self._formatter(
+                messages=template_messages(request.messages, caps),
+                tools=[t.as_openai() for t in request.tools] if offered else None,
+                **template_kwargs(caps, request.think),
+            ).prompt
+        except (TemplateError, ValueError, TypeError) as exc:
+            raise InvalidRequest(
+                f"The model's chat template refused these messages: {exc}", param="messages"
+            ) from exc
+
     # -- Engine protocol --------------------------------------------------------
 
     def encode(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            try:
-                text = self._formatter(messages=messages).prompt
-            except (TemplateError, ValueError) as exc:
+            text = self._render_chat(request)
+            plan = plan_output(
+                self.caps,
+                text,
+                request.tools,
+                request.tool_choice,
+                request.think,
+                request.parallel_tool_calls,
+            )
+            if plan.grammar and (request.params.json_mode or request.params.json_schema):
                 raise InvalidRequest(
-                    f"The model's chat template refused these messages: {exc}", param="messages"
-                ) from exc
-            tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+                    "A required tool call and a JSON response format cannot both constrain "
+                    "the output; send one of them.",
+                    param="tool_choice",
+                )
+            ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            tokens: list[int] = Prompt(ids, plan)
             param = "messages"
         else:
             assert request.prompt is not None
@@ -170,7 +232,10 @@ class LlamaCppEngine:
         llm = self._llm
         limit = max_new_tokens(len(tokens), params.context(self.info.n_ctx), params.max_tokens)
         llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
-        gbnf = grammar_for(params)
+        plan: OutputPlan | None = getattr(tokens, "output", None)
+        gbnf = plan.grammar if plan and plan.grammar else grammar_for(params)
+        reader = OutputReader(plan)
+        markup = self._markup_tokens if plan else frozenset()
         stops = StopMatcher(params.stop)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llm._model.vocab
@@ -200,9 +265,9 @@ class LlamaCppEngine:
                     reason = "stop"
                     break
                 produced += 1
-                text, stopped = stops.feed(utf8.decode(llm.detokenize([token])))
-                if text:
-                    yield TextDelta(text)
+                piece = llm.detokenize([token], special=token in markup)
+                text, stopped = stops.feed(utf8.decode(piece))
+                yield from reader.feed(text)
                 if stopped:
                     reason, hit_stop_sequence = "stop", True
                     break
@@ -215,8 +280,9 @@ class LlamaCppEngine:
             # text that only looked like the start of a stop sequence.
             tail, stopped = stops.feed(utf8.decode(b"", final=True))
             tail += "" if stopped else stops.flush()
-            if tail:
-                yield TextDelta(tail)
+            yield from reader.feed(tail)
+        if reason != "cancelled":  # ... and what the parser held: a call, or plain text
+            yield from reader.finish()
         ended = time.perf_counter()
         first_at = first_at or ended
         yield Finished(

@@ -7,7 +7,12 @@ download and no network.
 
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
+import importlib.metadata
 import importlib.resources
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +97,37 @@ def starter_model_path() -> Path:
     return Path(str(importlib.resources.files(_STARTER_PACKAGE).joinpath(_STARTER_FILE)))
 
 
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: Path, size: int, mtime: float) -> str:
+    """Hex sha256 of a packaged file: from its wheel's RECORD, else by reading it."""
+    try:
+        for record in importlib.metadata.files(_STARTER_PACKAGE) or ():
+            if record.name == path.name and record.hash and record.hash.mode == "sha256":
+                padded = record.hash.value + "=" * (-len(record.hash.value) % 4)
+                return base64.urlsafe_b64decode(padded).hex()
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def builtin_digest(path: Path) -> str:
+    """Ollama's model digest for a packaged GGUF that has no manifest: the sha256 of the
+    manifest that holds it as its one layer, so that it changes when the file does."""
+    stat = path.stat()
+    layer = {
+        "mediaType": "application/vnd.ollama.image.model",
+        "digest": f"sha256:{_file_sha256(path, stat.st_size, stat.st_mtime)}",
+        "size": stat.st_size,
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "layers": [layer],
+    }
+    return hashlib.sha256(json.dumps(manifest, separators=(",", ":")).encode()).hexdigest()
+
+
 def builtin_models() -> dict[str, LocalModel]:
     """The models every Corral install has, by name."""
     path = starter_model_path()
@@ -101,6 +137,7 @@ def builtin_models() -> dict[str, LocalModel]:
         path=str(path),
         size=stat.st_size,
         modified_at=stat.st_mtime,
+        digest=builtin_digest(path),
         details=ModelDetails(
             family="llama",
             families=("llama",),

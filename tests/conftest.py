@@ -87,6 +87,24 @@ def starter_name() -> str:
 
 
 @pytest.fixture(scope="session")
+def tools_model_path(starter_path, tmp_path_factory) -> Path:
+    """The starter model with Qwen 2.5's chat template: it supports tools (``<tool_call>``)."""
+    from tests.support.chat_models import QWEN25, template, with_chat_template
+
+    target = tmp_path_factory.mktemp("chat-models") / "tools.gguf"
+    return with_chat_template(starter_path, target, template(QWEN25))
+
+
+@pytest.fixture(scope="session")
+def thinking_model_path(starter_path, tmp_path_factory) -> Path:
+    """The starter model with DeepSeek-R1's chat template: it thinks in ``<think>``."""
+    from tests.support.chat_models import R1, template, with_chat_template
+
+    target = tmp_path_factory.mktemp("chat-models") / "thinker.gguf"
+    return with_chat_template(starter_path, target, template(R1))
+
+
+@pytest.fixture(scope="session")
 def homelab(tmp_path_factory) -> Iterator[Homelab]:
     import ray
     from ray.cluster_utils import Cluster
@@ -130,6 +148,21 @@ def corral(homelab: Homelab, tmp_path_factory) -> Iterator:
     running = start_corral(settings)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_models(corral, tools_model_path, thinking_model_path) -> tuple[str, str]:
+    """``tools:135m`` and ``thinker:135m`` in the session's Corral, created from uploaded
+    GGUFs as ``ollama create`` makes them; their names."""
+    import ollama
+
+    from tests.support.chat_models import THINKING_MODEL, TOOLS_MODEL
+
+    client = ollama.Client(host=corral.url, timeout=300)
+    for name, path in ((TOOLS_MODEL, tools_model_path), (THINKING_MODEL, thinking_model_path)):
+        digest = client.create_blob(path)
+        assert client.create(model=name, files={"model.gguf": digest}).status == "success"
+    return TOOLS_MODEL, THINKING_MODEL
 
 
 @pytest.fixture(scope="session")

@@ -49,12 +49,26 @@ class OllamaRequest(BaseModel):
         return sorted(self.model_extra or {})
 
 
+class ToolCallFunctionIn(BaseModel):
+    index: int | None = None
+    name: str
+    arguments: dict[str, Any] | str | None = None  # an object; a JSON string from some clients
+
+
+class ToolCallIn(BaseModel):
+    id: str | None = None
+    function: ToolCallFunctionIn
+
+
 class Message(OllamaRequest):
     role: Role
     # null reads as empty text, as Go decodes it into a string
     content: Annotated[str, BeforeValidator(lambda v: "" if v is None else v)] = ""
     images: list[str] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    thinking: str | None = None  # an assistant turn's thinking
+    tool_name: str | None = None  # a tool turn: the tool that answered (Ollama's field)
+    tool_call_id: str | None = None  # ... or the call it answers (Open WebUI sends this)
 
 
 class GenerationFields(OllamaRequest):
@@ -71,7 +85,9 @@ class GenerationFields(OllamaRequest):
 
 class ChatRequest(GenerationFields):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by nodes.chat_output.calls
+    # Corral's extension, OpenAI's values: "auto", "none", "required" or a named function.
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class GenerateRequest(GenerationFields):
@@ -141,9 +157,22 @@ class CopyRequest(OllamaRequest):
 # -- responses -----------------------------------------------------------------------
 
 
+class ToolCallFunctionOut(BaseModel):
+    index: int
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    function: ToolCallFunctionOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    thinking: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChunk(BaseModel):
@@ -162,6 +191,7 @@ class GenerateChunk(BaseModel):
     model: str
     created_at: str
     response: str
+    thinking: str | None = None
     done: bool
     done_reason: str | None = None
 

@@ -26,8 +26,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,6 +37,15 @@ from deployments.errors import classify
 from deployments.generation import embed, gather, open_generation
 from deployments.ollama import protocol as p
 from deployments.replica import StreamEvent
+from nodes.chat_output.calls import (
+    ToolCall,
+    parse_arguments,
+    parse_think,
+    parse_tool_choice,
+    parse_tools,
+)
+from nodes.chat_output.known_templates import effective_template
+from nodes.chat_output.template import template_caps
 from nodes.engine import (
     FLOAT32_MAX,
     ChatMessage,
@@ -44,6 +53,8 @@ from nodes.engine import (
     GenerateRequest,
     SamplingParams,
     TextDelta,
+    ThinkingDelta,
+    ToolCallEvent,
 )
 from nodes.errors import InvalidRequest, ModelNotFound
 from nodes.models import LocalModel, ModelDetails, model_name
@@ -97,8 +108,9 @@ class _Generation:
     admitted: float  # ... when the replica took it (after any cold start)
 
 
-# A function building one stream object: (model, text, done, done_reason) -> chunk.
-_Piece = Callable[[str, str, bool, str | None], BaseModel]
+# A function building one stream object: (model, text, done, done_reason, thinking,
+# tool calls) -> chunk.
+_Piece = Callable[[str, str, bool, str | None, str | None, Sequence[ToolCallEvent]], BaseModel]
 
 
 class OllamaServing:
@@ -141,9 +153,9 @@ class OllamaServing:
         if req.stream:
             return self._stream(generation, req.model, piece)
         whole = await gather(generation.stream, lambda: open_generation(self._backend, name, greq))
-        return _final(
-            piece(req.model, whole.text, True, whole.finished.reason), whole.finished, generation
-        )
+        calls = [ToolCallEvent(i, call) for i, call in enumerate(whole.tool_calls)]
+        last = piece(req.model, whole.text, True, whole.finished.reason, whole.thinking, calls)
+        return _final(last, whole.finished, generation)
 
     async def _load_or_unload(self, name: str, keep_alive: float | None) -> str:
         """An empty prompt: Ollama's way to load a model, or with keep_alive 0 to unload it."""
@@ -161,9 +173,8 @@ class OllamaServing:
     async def _stream(self, gen: _Generation, model: str, piece: _Piece) -> AsyncIterator[str]:
         try:
             async for batch in gen.stream:
-                text = "".join(e.text for e in batch if isinstance(e, TextDelta))
-                if text:
-                    yield ndjson(piece(model, text, False, None).model_dump(exclude_none=True))
+                for obj in _pieces(batch, model, piece):
+                    yield ndjson(obj.model_dump(exclude_none=True))
                 for event in batch:
                     if isinstance(event, Finished):
                         yield ndjson(_final(piece(model, "", True, event.reason), event, gen))
@@ -330,13 +341,20 @@ def chat_to_engine(req: p.ChatRequest, model: LocalModel) -> GenerateRequest:
     """An Ollama chat as an engine request; the model's system prompt unless one is given."""
     _log_ignored(req, req.options)
     _refuse_common(req)
-    if req.tools:
-        raise InvalidRequest("Tool calling is not supported by Corral yet.", param="tools")
-    messages = tuple(_chat_message(i, m) for i, m in enumerate(req.messages))
+    tools = parse_tools(req.tools)
+    tool_choice = parse_tool_choice(req.tool_choice, tools)
+    messages = chat_messages(req.messages)
     if model.system and not any(m.role == "system" for m in messages):
         messages = (ChatMessage("system", model.system), *messages)
     params = sampling_params(req.options, model.parameters, req.format)
-    return GenerateRequest(messages=messages, params=params, keep_alive=req.keep_alive)
+    return GenerateRequest(
+        messages=messages,
+        params=params,
+        keep_alive=req.keep_alive,
+        tools=tools,
+        tool_choice=tool_choice,
+        think=parse_think(req.think),
+    )
 
 
 def generate_to_engine(req: p.GenerateRequest, model: LocalModel) -> GenerateRequest:
@@ -368,7 +386,9 @@ def generate_to_engine(req: p.GenerateRequest, model: LocalModel) -> GenerateReq
     system = req.system or model.system
     turns = (ChatMessage("system", system),) if system else ()
     messages = (*turns, ChatMessage("user", req.prompt))
-    return GenerateRequest(messages=messages, params=params, keep_alive=req.keep_alive)
+    return GenerateRequest(
+        messages=messages, params=params, keep_alive=req.keep_alive, think=parse_think(req.think)
+    )
 
 
 def sampling_params(
@@ -463,8 +483,26 @@ def create_recipe(req: p.CreateRequest) -> dict[str, Any]:
 def _refuse_common(req: p.GenerationFields) -> None:
     if req.logprobs:
         raise InvalidRequest("logprobs are not supported.", param="logprobs")
-    if req.think:
-        log.info("ignoring think=%r: Corral does not separate thinking from the answer", req.think)
+
+
+def chat_messages(messages: list[p.Message]) -> tuple[ChatMessage, ...]:
+    """Ollama's messages as the engine's. A tool result names its tool (``tool_name``) or
+    the call it answers (``tool_call_id``, as Open WebUI sends it): each gets the other
+    from the calls before it, as templates use one or the other."""
+    names: dict[str, str] = {}
+    ids: dict[str, str] = {}
+    out = []
+    for i, msg in enumerate(messages):
+        message = _chat_message(i, msg)
+        for call in message.tool_calls:
+            names[call.id] = call.name
+            ids[call.name] = call.id
+        if message.role == "tool":
+            call_id = message.tool_call_id or ids.get(message.tool_name, "")
+            name = message.tool_name or names.get(message.tool_call_id, "")
+            message = replace(message, tool_call_id=call_id, tool_name=name)
+        out.append(message)
+    return tuple(out)
 
 
 def _chat_message(index: int, msg: p.Message) -> ChatMessage:
@@ -473,11 +511,25 @@ def _chat_message(index: int, msg: p.Message) -> ChatMessage:
             "This model takes text only; image inputs are not supported.",
             param=f"messages.{index}.images",
         )
-    if msg.tool_calls:
-        raise InvalidRequest(
-            "Tool calling is not supported by Corral yet.", param=f"messages.{index}.tool_calls"
+    calls = tuple(
+        ToolCall(
+            name=call.function.name,
+            arguments=parse_arguments(
+                call.function.arguments, f"messages.{index}.tool_calls.{j}.function.arguments"
+            ),
+            id=call.id or "",
         )
-    return ChatMessage(role=msg.role, content=msg.content)
+        for j, call in enumerate(msg.tool_calls or ())
+    )
+    tool = msg.role == "tool"
+    return ChatMessage(
+        role=msg.role,
+        content=msg.content,
+        tool_calls=calls,
+        tool_call_id=(msg.tool_call_id or "") if tool else "",
+        tool_name=(msg.tool_name or "") if tool else "",
+        thinking=msg.thinking or "",
+    )
 
 
 def _option(key: str, value: Any) -> Any:
@@ -516,24 +568,81 @@ def _log_ignored(
 # -- response building ------------------------------------------------------------------
 
 
-def _chat_piece(model: str, text: str, done: bool, reason: str | None) -> p.ChatChunk:
+def _chat_piece(
+    model: str,
+    text: str,
+    done: bool,
+    reason: str | None,
+    thinking: str | None = None,
+    calls: Sequence[ToolCallEvent] = (),
+) -> p.ChatChunk:
+    message = p.AssistantMessage(
+        content=text,
+        thinking=thinking or None,
+        tool_calls=[_tool_call_out(e) for e in calls] or None,
+    )
     return p.ChatChunk(
         model=model,
         created_at=rfc3339(time.time_ns()),
-        message=p.AssistantMessage(content=text),
+        message=message,
         done=done,
         done_reason=reason,
     )
 
 
-def _generate_piece(model: str, text: str, done: bool, reason: str | None) -> p.GenerateChunk:
+def _generate_piece(
+    model: str,
+    text: str,
+    done: bool,
+    reason: str | None,
+    thinking: str | None = None,
+    calls: Sequence[ToolCallEvent] = (),  # (no tools on generate)
+) -> p.GenerateChunk:
     return p.GenerateChunk(
         model=model,
         created_at=rfc3339(time.time_ns()),
         response=text,
+        thinking=thinking or None,
         done=done,
         done_reason=reason,
     )
+
+
+def _tool_call_out(event: ToolCallEvent) -> p.ToolCallOut:
+    call = event.call
+    function = p.ToolCallFunctionOut(index=event.index, name=call.name, arguments=call.arguments)
+    return p.ToolCallOut(id=call.id, function=function)
+
+
+def _pieces(batch: list[StreamEvent], model: str, piece: _Piece) -> list[BaseModel]:
+    """A batch's stream objects, as Ollama streams them: each run of answer or thinking
+    text as one object, each tool call as one object of its own."""
+    out: list[BaseModel] = []
+    text: list[str] = []
+    thought: list[str] = []
+
+    def flush() -> None:
+        if text:
+            out.append(piece(model, "".join(text), False, None, None, []))
+        if thought:
+            out.append(piece(model, "", False, None, "".join(thought), []))
+        text.clear()
+        thought.clear()
+
+    for event in batch:
+        if isinstance(event, TextDelta):
+            if thought:
+                flush()
+            text.append(event.text)
+        elif isinstance(event, ThinkingDelta):
+            if text:
+                flush()
+            thought.append(event.text)
+        elif isinstance(event, ToolCallEvent):
+            flush()
+            out.append(piece(model, "", False, None, None, [event]))
+    flush()
+    return out
 
 
 def _final(last: BaseModel, finished: Finished, gen: _Generation) -> dict[str, Any]:
@@ -592,6 +701,7 @@ def running_models(
     Sizes count every replica; the model expires when its last placement does
     (never, shown as Ollama shows it: the far future, if any placement stays).
     """
+    forever = now_ns + _GO_MAX_DURATION
     by_model: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("failure") is None:  # a model given up on runs nowhere
@@ -599,9 +709,7 @@ def running_models(
     running = []
     for name, placed in by_model.items():
         model = models.get(name)
-        expiries = [r.get("expires_at") for r in placed]
-        forever = now_ns + _GO_MAX_DURATION
-        expires = forever if None in expiries else int(max(expiries) * 1e9)
+        expires = max(_expiry(r, now_ns, forever) for r in placed)
         running.append(
             p.RunningModel(
                 name=name,
@@ -621,21 +729,39 @@ def running_models(
     return running
 
 
+def _expiry(row: Mapping[str, Any], now_ns: int, forever: int) -> int:
+    """When a placement unloads if no request comes (ns since the epoch).
+
+    A busy placement has no expiry yet: as Ollama shows it, it is its keep-alive
+    from now (the time it would get were the request to end now); kept forever
+    when its keep-alive is forever or it is held (not unloaded below ``min``).
+    """
+    if row.get("expires_at") is not None:
+        return int(row["expires_at"] * 1e9)
+    keep_alive = row.get("keep_alive")
+    if keep_alive is None or row.get("held"):
+        return forever
+    return now_ns + int(keep_alive * 1e9)
+
+
 def show_response(model: LocalModel, metadata: Mapping[str, Any]) -> p.ShowResponse:
     """/api/show: the manifest's facts, the Modelfile they make, and the GGUF header.
 
-    ``template`` is the manifest's, else the GGUF's own chat template (the one
-    Corral prompts with); arrays the header holds too long to show are ``[]``,
-    as Ollama shows them unless asked to be verbose.
+    ``template`` is the manifest's, else the chat template Corral prompts with
+    (the GGUF's own, or its replacement: ``nodes/chat_output/known_templates.py``),
+    whose support for tools and thinking ``capabilities`` lists; arrays the
+    header holds too long to show are ``[]``, as Ollama shows them unless asked
+    to be verbose.
     """
-    capabilities = ["completion"]
+    chat_template = effective_template(metadata.get("tokenizer.chat_template"))
+    capabilities = ["completion", *template_caps(chat_template).capabilities()]
     if any(key.endswith(".pooling_type") for key in metadata):
         capabilities.append("embedding")
     return p.ShowResponse(
         license=model.license,
         modelfile=modelfile(model),
         parameters=parameters_text(model.parameters) or None,
-        template=model.template or metadata.get("tokenizer.chat_template"),
+        template=model.template or chat_template,
         system=model.system,
         details=details(model.details),
         model_info={k: [] if v is None else v for k, v in metadata.items()},

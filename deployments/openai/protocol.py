@@ -94,10 +94,24 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] | None = None  # a JSON string, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(OpenAIRequest):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    reasoning_content: str | None = None  # an assistant turn's thinking, sent back
 
 
 class StreamOptions(BaseModel):
@@ -142,7 +156,10 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # checked by nodes.chat_output.calls
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -171,9 +188,29 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+def _omitted_if_none(value: Any) -> bool:
+    return value is None
+
+
+Omittable = Field(default=None, exclude_if=_omitted_if_none)
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null beside tool calls, as OpenAI sends it
+    reasoning_content: str | None = Omittable  # llama-server's and DeepSeek's name
+    tool_calls: list[ToolCallOut] | None = Omittable
 
 
 class ChatChoice(BaseModel):
@@ -193,9 +230,25 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = Omittable
+    arguments: str | None = Omittable
+
+
+class DeltaToolCall(BaseModel):
+    """A piece of a streamed tool call: index, id, type and name first, then arguments."""
+
+    index: int
+    id: str | None = Omittable
+    type: Literal["function"] | None = Omittable
+    function: DeltaFunction
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -25,12 +25,22 @@ from deployments.errors import openai_sse_error
 from deployments.generation import embed, gather, open_generation
 from deployments.openai import protocol as p
 from deployments.replica import StreamEvent
+from nodes.chat_output.calls import (
+    ToolCall,
+    parse_arguments,
+    parse_tool_choice,
+    parse_tools,
+    think_from_effort,
+)
 from nodes.engine import (
     ChatMessage,
     Finished,
     GenerateRequest,
+    GenerationEvent,
     SamplingParams,
     TextDelta,
+    ThinkingDelta,
+    ToolCallEvent,
 )
 from nodes.errors import InvalidRequest, ModelNotFound
 from nodes.models import LocalModel
@@ -68,14 +78,20 @@ class OpenAIServing:
         if req.stream:
             return self._stream_sse(stream, _ChatChunks(rid, created, req.model, req.include_usage))
         result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
+        calls = [_tool_call_out(c) for c in result.tool_calls]
+        message = p.ChatMessageOut(
+            content=None if calls and not result.text else result.text,
+            reasoning_content=result.thinking or None,
+            tool_calls=calls or None,
+        )
         return p.ChatCompletion(
             id=rid,
             created=created,
             model=req.model,
             choices=[
                 p.ChatChoice(
-                    message=p.ChatMessageOut(content=result.text),
-                    finish_reason=result.finished.reason,
+                    message=message,
+                    finish_reason=finish_reason(result.finished, called=bool(calls)),
                 )
             ],
             usage=_usage(result.finished),
@@ -123,13 +139,8 @@ class OpenAIServing:
         try:
             yield _sse_event(chunks.start())
             async for batch in stream:
-                text = "".join(e.text for e in batch if isinstance(e, TextDelta))
-                if text:
-                    yield _sse_event(chunks.text(text))
-                for event in batch:
-                    if isinstance(event, Finished):
-                        for chunk in chunks.finish(event):
-                            yield _sse_event(chunk)
+                for chunk in chunks.events(batch):
+                    yield _sse_event(chunk)
             yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
             log.warning("stream failed: %s", exc)
@@ -144,8 +155,8 @@ class OpenAIServing:
 def chat_to_engine(req: p.ChatCompletionRequest) -> GenerateRequest:
     """Turn an OpenAI chat request into an engine request, refusing what we cannot do."""
     _log_ignored(req)
-    if req.tools:
-        raise InvalidRequest("Tool calling is not supported by Corral yet.", param="tools")
+    tools = parse_tools(req.tools)
+    tool_choice = parse_tool_choice(req.tool_choice, tools)
     messages = tuple(_chat_message(i, m) for i, m in enumerate(req.messages))
     fmt = req.response_format
     json_schema = None
@@ -162,7 +173,15 @@ def chat_to_engine(req: p.ChatCompletionRequest) -> GenerateRequest:
         json_mode=fmt is not None and fmt.type == "json_object",
         json_schema=json_schema,
     )
-    return GenerateRequest(messages=messages, params=params, keep_alive=req.keep_alive)
+    return GenerateRequest(
+        messages=messages,
+        params=params,
+        keep_alive=req.keep_alive,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=bool(req.parallel_tool_calls),
+        think=think_from_effort(req.reasoning_effort),
+    )
 
 
 def completion_to_engine(req: p.CompletionRequest) -> GenerateRequest:
@@ -236,7 +255,24 @@ def _chat_message(index: int, msg: p.ChatMessageIn) -> ChatMessage:
         text = "\n".join(parts)
     # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
     role = "system" if msg.role == "developer" else msg.role
-    return ChatMessage(role=role, content=text)
+    calls = tuple(
+        ToolCall(
+            name=call.function.name,
+            arguments=parse_arguments(
+                call.function.arguments, f"messages.{index}.tool_calls.{j}.function.arguments"
+            ),
+            id=call.id or "",
+        )
+        for j, call in enumerate(msg.tool_calls or ())
+    )
+    return ChatMessage(
+        role=role,
+        content=text,
+        tool_calls=calls,
+        tool_call_id=(msg.tool_call_id or "") if role == "tool" else "",
+        tool_name=(msg.name or "") if role == "tool" else "",
+        thinking=msg.reasoning_content or "",
+    )
 
 
 def embedding_inputs(req: p.EmbeddingRequest) -> list[str]:
@@ -264,9 +300,12 @@ class _Chunks(Protocol):
 
     def start(self) -> BaseModel: ...
 
-    def text(self, text: str) -> BaseModel: ...
+    def events(self, batch: list[StreamEvent]) -> list[BaseModel]: ...
 
-    def finish(self, event: Finished) -> list[BaseModel]: ...
+
+def finish_reason(finished: Finished, *, called: bool) -> str:
+    """OpenAI's finish_reason: "tool_calls" when the model stopped after calling tools."""
+    return "tool_calls" if called and finished.reason == "stop" else finished.reason
 
 
 @dataclass(slots=True)
@@ -275,6 +314,39 @@ class _ChatChunks:
     created: int
     model: str
     include_usage: bool
+    called: bool = False
+
+    def events(self, batch: list[StreamEvent]) -> list[p.ChatCompletionChunk]:
+        """A batch's chunks: runs of answer or thinking text joined, each tool call as
+        OpenAI streams one (index, id, type and name first, then its arguments)."""
+        chunks: list[p.ChatCompletionChunk] = []
+        for kind, events in _runs(batch):
+            if kind is TextDelta:
+                chunks.append(self.text("".join(e.text for e in events)))  # type: ignore[union-attr]
+            elif kind is ThinkingDelta:
+                thought = "".join(e.text for e in events)  # type: ignore[union-attr]
+                chunks.append(self._chunk(p.DeltaMessage(reasoning_content=thought)))
+            elif kind is ToolCallEvent:
+                for event in events:
+                    chunks += self._tool_call(event)  # type: ignore[arg-type]
+            elif kind is Finished:
+                for event in events:
+                    chunks += self.finish(event)  # type: ignore[arg-type]
+        return chunks
+
+    def _tool_call(self, event: ToolCallEvent) -> list[p.ChatCompletionChunk]:
+        self.called = True
+        call = event.call
+        head = p.DeltaToolCall(
+            index=event.index,
+            id=call.id,
+            type="function",
+            function=p.DeltaFunction(name=call.name, arguments=""),
+        )
+        rest = p.DeltaToolCall(
+            index=event.index, function=p.DeltaFunction(arguments=call.arguments_json())
+        )
+        return [self._chunk(p.DeltaMessage(tool_calls=[d])) for d in (head, rest)]
 
     def _chunk(self, delta: p.DeltaMessage, finish: str | None = None) -> p.ChatCompletionChunk:
         choice = p.ChatChunkChoice(delta=delta, finish_reason=finish)
@@ -289,7 +361,8 @@ class _ChatChunks:
         return self._chunk(p.DeltaMessage(content=text))
 
     def finish(self, event: Finished) -> list[p.ChatCompletionChunk]:
-        chunks = [self._chunk(p.DeltaMessage(), finish=event.reason)]
+        reason = finish_reason(event, called=self.called)
+        chunks = [self._chunk(p.DeltaMessage(), finish=reason)]
         if self.include_usage:
             chunks.append(
                 p.ChatCompletionChunk(
@@ -318,6 +391,15 @@ class _CompletionChunks:
     def start(self) -> p.Completion:
         return self._chunk(self.echo)
 
+    def events(self, batch: list[StreamEvent]) -> list[p.Completion]:
+        chunks = []
+        if text := "".join(e.text for e in batch if isinstance(e, TextDelta)):
+            chunks.append(self.text(text))
+        for event in batch:
+            if isinstance(event, Finished):
+                chunks += self.finish(event)
+        return chunks
+
     def text(self, text: str) -> p.Completion:
         return self._chunk(text)
 
@@ -326,6 +408,23 @@ class _CompletionChunks:
         if self.include_usage:
             last.usage = _usage(event)
         return [last]
+
+
+def _runs(batch: list[StreamEvent]) -> list[tuple[type, list[GenerationEvent]]]:
+    """Consecutive events of one type, together, in order."""
+    runs: list[tuple[type, list[GenerationEvent]]] = []
+    for event in batch:
+        if runs and runs[-1][0] is type(event):
+            runs[-1][1].append(event)  # type: ignore[arg-type]
+        else:
+            runs.append((type(event), [event]))  # type: ignore[list-item]
+    return runs
+
+
+def _tool_call_out(call: ToolCall) -> p.ToolCallOut:
+    return p.ToolCallOut(
+        id=call.id, function=p.FunctionCallOut(name=call.name, arguments=call.arguments_json())
+    )
 
 
 def _usage(event: Finished) -> p.UsageInfo:

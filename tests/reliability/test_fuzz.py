@@ -395,6 +395,96 @@ def test_every_field_with_every_wrong_type(url, http, route):
             record("hand-written", "wrong types", "", response.status_code)
 
 
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "f",
+        "description": "d",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "string"}},
+            "required": ["a"],
+        },
+    },
+}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": "x"}'}}
+
+
+def tool_bodies(base: dict, value: object) -> list[dict]:
+    """``value`` put in every place of a tool definition, a tool call and a tool turn."""
+    fn = TOOL["function"]
+    params = fn["parameters"]
+    turn = [{"role": "user", "content": "hi"}]
+    return [
+        {**base, "tools": value},
+        {**base, "tools": [value]},
+        {**base, "tools": [{**TOOL, "type": value}]},
+        {**base, "tools": [{"type": "function", "function": value}]},
+        *(
+            {**base, "tools": [{"type": "function", "function": {**fn, key: value}}]}
+            for key in ("name", "description", "parameters")
+        ),
+        *(
+            {
+                **base,
+                "tools": [
+                    {"type": "function", "function": {**fn, "parameters": {**params, key: value}}}
+                ],
+            }
+            for key in ("type", "properties", "required")
+        ),
+        {**base, "tools": [TOOL], "tool_choice": value},
+        {**base, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": value}}},
+        {**base, "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": value},
+        {**base, "messages": [*turn, {"role": "assistant", "content": "", "tool_calls": value}]},
+        {**base, "messages": [*turn, {"role": "assistant", "content": "", "tool_calls": [value]}]},
+        {
+            **base,
+            "messages": [
+                *turn,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{**CALL, "function": {"name": "f", "arguments": value}}],
+                },
+            ],
+        },
+        {
+            **base,
+            "messages": [
+                *turn,
+                {
+                    "role": "assistant",
+                    "tool_calls": [CALL],
+                    "thinking": value,
+                    "reasoning_content": value,
+                },
+                {
+                    "role": "tool",
+                    "content": "ok",
+                    "tool_call_id": value,
+                    "tool_name": value,
+                    "name": value,
+                },
+            ],
+        },
+        {**base, "think": value, "reasoning_effort": value},
+    ]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat"])
+def test_tools_and_tool_turns_with_every_wrong_type(url, http, path):
+    """Tools, tool calls, tool turns and thinking: no 5xx, whatever any of their fields holds."""
+    base = BODIES["POST", path]
+    deep = json.loads(nested_objects(50))
+    for value in [*WRONG, deep, {"type": "object", "properties": {"a": {"$ref": "#/x"}}}]:
+        for body in tool_bodies(base, value):
+            for stream in (False, True):
+                response = send(
+                    http, url, "POST", path, json.dumps({**body, "stream": stream}).encode()
+                )
+                record("hand-written", "tool fields", "", response.status_code)
+
+
 SAMPLING_OPTIONS = [
     "num_ctx",
     "num_predict",

@@ -287,8 +287,8 @@ def test_show_describes_the_model(http, client):
     assert body["model_info"]["general.architecture"] == "llama"
     assert body["model_info"]["llama.context_length"] == 8192
     assert body["model_info"]["tokenizer.ggml.tokens"] == []  # too long to show
-    assert body["capabilities"] == ["completion"]
-    assert "<|im_start|>" in body["template"]  # the GGUF's own chat template
+    assert body["capabilities"] == ["completion", "tools"]  # as Ollama's smollm2 has them
+    assert "<|im_start|>" in body["template"]  # the chat template Corral prompts with
     assert body["modelfile"].splitlines()[4].startswith("FROM /")
     assert "system" not in body and "license" not in body
     info = client.show(MODEL)
@@ -420,7 +420,7 @@ def test_an_unknown_model_is_404_naming_it(http, method, path, body):
         ("/api/chat", {"model": MODEL, "messages": QUESTION, "format": "yaml"}, "format"),
         ("/api/chat", {"model": MODEL, "messages": QUESTION, "options": {"top_k": "x"}}, "top_k"),
         ("/api/chat", {"model": MODEL, "messages": [{"role": "robot"}]}, "role"),
-        ("/api/chat", {"model": MODEL, "messages": QUESTION, "tools": [{"x": 1}]}, "Tool"),
+        ("/api/chat", {"model": MODEL, "messages": QUESTION, "tools": [{"x": 1}]}, "name"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGk="]}, "image"),
         ("/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": "soon"}, "keep_alive"),
         ("/api/generate", {"model": MODEL, "prompt": "w " * 2000}, "context length"),

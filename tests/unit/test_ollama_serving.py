@@ -15,6 +15,9 @@ from pydantic import ValidationError
 from deployments.ollama import protocol as p
 from deployments.ollama.serving import (
     OLLAMA_DEFAULTS,
+    _chat_piece,
+    _generate_piece,
+    _pieces,
     chat_to_engine,
     check_digest,
     create_recipe,
@@ -30,9 +33,19 @@ from deployments.ollama.serving import (
     shorten,
     show_response,
 )
-from nodes.engine import ChatMessage, Finished, Timings, Usage
+from nodes.chat_output.calls import ToolCall, ToolChoice
+from nodes.engine import (
+    ChatMessage,
+    Finished,
+    TextDelta,
+    ThinkingDelta,
+    Timings,
+    ToolCallEvent,
+    Usage,
+)
 from nodes.errors import InvalidRequest
 from nodes.models import LocalModel, ModelDetails, model_name
+from tests.support.chat_models import QWEN3, QWEN25, template
 
 PLAIN = LocalModel(name="m:latest", path="/models/m.gguf", size=10, modified_at=0.0)
 WITH_MANIFEST = LocalModel(
@@ -146,10 +159,16 @@ def test_options_corral_cannot_set_per_request_are_logged_and_ignored(caplog):
     assert "num_gpu, num_thread" in caplog.text
 
 
-def test_unknown_fields_are_logged_and_think_is_ignored(caplog):
+def test_unknown_fields_are_logged_and_think_reaches_the_engine(caplog):
     with caplog.at_level(logging.INFO, logger="corral.ollama"):
-        chat_to_engine(chat(think=True, shift=False), PLAIN)
-    assert "shift" in caplog.text and "think" in caplog.text
+        greq = chat_to_engine(chat(think=True, shift=False), PLAIN)
+    assert "shift" in caplog.text and "think" not in caplog.text
+    assert greq.think is True
+    assert chat_to_engine(chat(think="high"), PLAIN).think == "high"
+    assert generate_to_engine(generate(think=False), PLAIN).think is False
+    with pytest.raises(InvalidRequest) as err:
+        chat_to_engine(chat(think="max"), PLAIN)
+    assert err.value.param == "think"
 
 
 # -- format ------------------------------------------------------------------------------
@@ -226,20 +245,29 @@ def test_what_generate_cannot_do_is_refused_naming_the_field(fields, param):
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"description": "f"}}]},
+            "tools.0.function.name",
+        ),
         ({"messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "messages.0.images"),
         (
-            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]},
-            "messages.0.tool_calls",
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}],
+                    }
+                ]
+            },
+            "messages.0.tool_calls.0.function.arguments",
         ),
+        ({"tool_choice": "required"}, "tool_choice"),
     ],
 )
 def test_what_chat_cannot_do_is_refused_naming_the_field(fields, param):
     with pytest.raises(InvalidRequest) as err:
         chat_to_engine(chat(**fields), PLAIN)
     assert err.value.param == param
-    if param == "tools":  # the OpenAI routes' words
-        assert err.value.message == "Tool calling is not supported by Corral yet."
 
 
 def test_an_empty_tool_list_is_what_the_ollama_client_always_sends():
@@ -418,3 +446,93 @@ def test_parameters_and_modelfile_read_as_ollama_writes_them():
     assert 'LICENSE "Apache 2.0\nsee LICENSE"\n' in text
     quoted = LocalModel(name="q", path="/q", size=0, modified_at=0, template='{{ "a" }}\n')
     assert 'TEMPLATE """{{ "a" }}\n"""' in modelfile(quoted)
+
+
+# -- tools, thinking, and what /api/ps and /api/show say ---------------------------------------
+
+
+def test_tool_turns_as_ollama_and_open_webui_send_them():
+    greq = chat_to_engine(
+        chat(
+            messages=[
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "thinking": "weather!",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "function": {
+                                "index": 0,
+                                "name": "get_weather",
+                                "arguments": {"city": "Paris"},
+                            },
+                        }
+                    ],
+                },
+                {"role": "tool", "content": "Sunny", "tool_name": "get_weather"},  # Ollama's
+                {"role": "tool", "content": "Sunny", "tool_call_id": "call_1"},  # Open WebUI's
+            ],
+            tools=[{"type": "function", "function": {"name": "get_weather"}}],
+        ),
+        PLAIN,
+    )
+    assistant, by_name, by_id = greq.messages[1:]
+    assert assistant.tool_calls == (ToolCall("get_weather", {"city": "Paris"}, "call_1"),)
+    assert assistant.thinking == "weather!"
+    assert (by_name.tool_name, by_name.tool_call_id) == ("get_weather", "call_1")
+    assert (by_id.tool_name, by_id.tool_call_id) == ("get_weather", "call_1")
+    assert greq.tool_choice == ToolChoice("auto") and [t.name for t in greq.tools] == [
+        "get_weather"
+    ]
+
+
+def test_stream_objects_as_ollama_streams_them():
+    call = ToolCall("get_weather", {"city": "Paris", "units": None}, "call_x")
+    batch = [ThinkingDelta("Hm"), ThinkingDelta("m."), TextDelta("OK"), ToolCallEvent(0, call)]
+    pieces = [o.model_dump(exclude_none=True)["message"] for o in _pieces(batch, "m", _chat_piece)]
+    assert pieces == [
+        {"role": "assistant", "content": "", "thinking": "Hmm."},
+        {"role": "assistant", "content": "OK"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_x",
+                    "function": {
+                        "index": 0,
+                        "name": "get_weather",
+                        "arguments": {"city": "Paris", "units": None},
+                    },
+                }
+            ],
+        },
+    ]
+    [generated] = _pieces([ThinkingDelta("x")], "m", _generate_piece)
+    assert generated.model_dump(exclude_none=True)["thinking"] == "x"
+
+
+def test_ps_shows_a_busy_model_expiring_its_keep_alive_from_now():
+    base = {"node": "nas", "replicas": 1, "ram": 5, "vram": 0, "context": 512, "status": "RUNNING"}
+    now = 1_700_000_000 * 10**9
+    rows = [
+        {**base, "model": "busy:latest", "expires_at": None, "keep_alive": 300.0},
+        {**base, "model": "held:latest", "expires_at": None, "keep_alive": 300.0, "held": True},
+        {**base, "model": "forever:latest", "expires_at": None, "keep_alive": None},
+    ]
+    busy, held, forever = running_models(rows, {}, now)
+    assert busy.expires_at == rfc3339(now + 300 * 10**9)
+    assert (
+        datetime.fromisoformat(held.expires_at).year
+        == datetime.fromisoformat(forever.expires_at).year
+        == 2316
+    )
+
+
+def test_show_lists_tools_and_thinking_where_the_template_has_them():
+    qwen3 = {"general.architecture": "qwen3", "tokenizer.chat_template": template(QWEN3)}
+    assert show_response(PLAIN, qwen3).capabilities == ["completion", "tools", "thinking"]
+    qwen25 = {"tokenizer.chat_template": template(QWEN25)}
+    assert show_response(PLAIN, qwen25).capabilities == ["completion", "tools"]

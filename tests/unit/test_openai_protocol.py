@@ -19,8 +19,23 @@ from ray.exceptions import RayTaskError
 from deployments.api import build_api
 from deployments.errors import classify, openai_body
 from deployments.openai import protocol as p
-from deployments.openai.serving import chat_to_engine, completion_to_engine, embedding_inputs
-from nodes.engine import ChatMessage, EngineSpec
+from deployments.openai.serving import (
+    _ChatChunks,
+    chat_to_engine,
+    completion_to_engine,
+    embedding_inputs,
+)
+from nodes.chat_output.calls import ToolCall, ToolChoice
+from nodes.engine import (
+    ChatMessage,
+    EngineSpec,
+    Finished,
+    TextDelta,
+    ThinkingDelta,
+    Timings,
+    ToolCallEvent,
+    Usage,
+)
 from nodes.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from tests.support.local_backend import LocalBackend
 
@@ -88,7 +103,14 @@ def test_messages_become_text_turns():
     [
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools.0.function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+            "tools.0.function.parameters",
+        ),
+        ({"tools": [{"type": "retrieval"}]}, "tools.0.type"),
+        ({"tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
         (
             {
                 "messages": [
@@ -119,8 +141,8 @@ def test_response_format_selects_json_mode_or_a_schema():
 
 def test_unknown_fields_are_accepted_and_logged(caplog):
     with caplog.at_level(logging.INFO, logger="corral.openai"):
-        chat_to_engine(chat_req(parallel_tool_calls=False, store=True))
-    assert "parallel_tool_calls, store" in caplog.text
+        chat_to_engine(chat_req(logit_bias={}, store=True))
+    assert "logit_bias, store" in caplog.text
 
 
 def test_completion_request_takes_one_prompt_and_openais_default_length():
@@ -363,3 +385,104 @@ def test_bodies_that_are_not_json_objects(client):
 def test_unknown_route_is_404_in_openai_shape(client):
     r = client.post("/v1/nothing-here", json={})
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+
+
+# -- tools and reasoning ----------------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tool_turns_and_settings_reach_the_engine():
+    greq = chat_to_engine(
+        chat_req(
+            messages=[
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "reasoning_content": "They want weather.",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                },
+                {
+                    "role": "tool",
+                    "tool_call_id": "call_1",
+                    "name": "get_weather",
+                    "content": "Sunny",
+                },
+            ],
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            parallel_tool_calls=True,
+            reasoning_effort="medium",
+        )
+    )
+    assistant, tool = greq.messages[1:]
+    assert assistant.tool_calls == (ToolCall("get_weather", {"city": "Paris"}, "call_1"),)
+    assert assistant.thinking == "They want weather." and assistant.content == ""
+    assert (tool.role, tool.tool_call_id, tool.tool_name) == ("tool", "call_1", "get_weather")
+    assert [t.name for t in greq.tools] == ["get_weather"]
+    assert greq.tool_choice == ToolChoice("required", "get_weather")
+    assert greq.parallel_tool_calls and greq.think == "medium"
+
+
+def test_bad_tool_call_arguments_are_refused_naming_the_field():
+    body = {
+        "messages": [
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{oops"}}],
+            }
+        ]
+    }
+    with pytest.raises(InvalidRequest) as err:
+        chat_to_engine(chat_req(**body))
+    assert err.value.param == "messages.0.tool_calls.0.function.arguments"
+
+
+def _batch_chunks(batch):
+    chunks = _ChatChunks("id", 0, "m", include_usage=False)
+    return [c.model_dump(mode="json")["choices"][0] for c in chunks.events(batch)]
+
+
+def test_streamed_tool_calls_come_in_openais_incremental_shape():
+    finished = Finished("stop", Usage(3, 4), Timings())
+    call = ToolCall("get_weather", {"city": "Paris"}, "call_x")
+    choices = _batch_chunks(
+        [
+            ThinkingDelta("Hm"),
+            ThinkingDelta("m."),
+            TextDelta("OK"),
+            ToolCallEvent(0, call),
+            finished,
+        ]
+    )
+    assert [c["delta"] for c in choices] == [
+        {"reasoning_content": "Hmm."},
+        {"content": "OK"},
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": "call_x",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""},
+                }
+            ]
+        },
+        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
+        {},
+    ]
+    assert choices[-1]["finish_reason"] == "tool_calls"
+    assert _batch_chunks([TextDelta("x"), finished])[-1]["finish_reason"] == "stop"
