@@ -219,5 +219,5 @@ def replay(http: httpx.Client, route: str, body: dict[str, Any]) -> list[Any]:
         objects = [json.loads(line) for line in lines]
         assert objects[-1]["done"] and "error" not in objects[-1]
         return objects
-    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines)
+    assert lines[-1] == "data: [DONE]" and not any('"error"' in line for line in lines), lines[-3:]
     return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
