@@ -330,6 +330,9 @@ class Modelfile:
 
     source: str  # FROM: a GGUF path (relative to the Modelfile's folder) or a model name
     parameters: dict[str, Any] = field(default_factory=dict)
+    # A second FROM, as Ollama takes a vision model: the projector's GGUF file (the server
+    # tells the model from the projector by their headers, so the order does not matter).
+    projector: str | None = None
     template: str | None = None
     system: str | None = None
     license: str | None = None
@@ -367,9 +370,14 @@ def parse_modelfile(text: str) -> Modelfile:
         if not value and instruction in ("from", "parameter"):
             raise ModelfileError(number, f"{word.upper()} needs a value")
         if instruction == "from":
+            if "projector" in values:
+                raise ModelfileError(
+                    number, "a third FROM: give a model and at most one projector (mmproj)"
+                )
             if from_line:
-                raise ModelfileError(number, f"a second FROM (the first is on line {from_line})")
-            values["source"], from_line = value, number
+                values["projector"] = value
+            else:
+                values["source"], from_line = value, number
         elif instruction == "parameter":
             name, value = _parameter(rest, number)
             if name == "stop":
@@ -454,11 +462,22 @@ def create_body(name: str, file: Path, client: httpx.Client, view: ProgressView)
     except UnicodeDecodeError:
         raise ModelfileError(0, "neither a GGUF file nor a Modelfile (not UTF-8 text)") from None
     body: dict[str, Any] = {"model": name}
+    files: dict[str, str] = {}
     gguf = model_file(modelfile.source, file.parent)
     if gguf is None:
         body["from"] = modelfile.source
     else:
-        body["files"] = {gguf.name: upload_blob(client, gguf, view)}
+        files[gguf.name] = upload_blob(client, gguf, view)
+    if modelfile.projector is not None:
+        projector = model_file(modelfile.projector, file.parent)
+        if projector is None:
+            raise ModelfileError(
+                0, f"FROM {modelfile.projector}: a second FROM must be a projector's GGUF file"
+            )
+        key = projector.name if projector.name not in files else f"projector-{projector.name}"
+        files[key] = upload_blob(client, projector, view)
+    if files:
+        body["files"] = files
     for key in ("template", "system", "license", "parameters"):
         if getattr(modelfile, key):
             body[key] = getattr(modelfile, key)

@@ -874,7 +874,8 @@ class Controller:
         for spec in specs:
             try:
                 models[spec.name] = self._resolve(spec)
-                await asyncio.to_thread(read_gguf, models[spec.name].path)
+                model = models[spec.name]
+                await asyncio.to_thread(read_gguf, model.path, model.projector)
             except (InvalidRequest, ModelLoadFailed) as exc:
                 problems.append(f"{spec.name}: {exc}")
         if problems:
@@ -882,6 +883,15 @@ class Controller:
         return models
 
     def _resolve(self, spec: ModelSpec) -> LocalModel:
+        model = self._resolve_source(spec)
+        if spec.projector:
+            path = Path(spec.projector).expanduser()
+            if not path.is_file():
+                raise InvalidRequest(f"projector {spec.projector} is not a file on the head node")
+            model = replace(model, projector=str(path), projector_digest="")
+        return model
+
+    def _resolve_source(self, spec: ModelSpec) -> LocalModel:
         source = spec.source or spec.name
         if source.endswith(".gguf"):
             path = Path(source).expanduser()
@@ -919,8 +929,11 @@ class Controller:
     ) -> tuple[list[PlanNode], dict[str, GgufInfo]]:
         """The nodes and the GGUF facts of each spec's model, for ``_plan_with``."""
         given = models or {}
-        paths = {s.name: (given.get(s.name) or self._model_file(s.name)).path for s in specs}
-        infos = {name: await asyncio.to_thread(read_gguf, path) for name, path in paths.items()}
+        files = {s.name: given.get(s.name) or self._model_file(s.name) for s in specs}
+        infos = {
+            name: await asyncio.to_thread(read_gguf, m.path, m.projector)
+            for name, m in files.items()
+        }
         return await self._plan_nodes(), infos
 
     def _plan_with(
@@ -1131,6 +1144,7 @@ class Controller:
 
     def _engine_spec(self, p: Placement) -> EngineSpec:
         spec = self._spec_of(p.model)
+        model = self._model_file(p.model)
         return EngineSpec(
             model=p.model,
             path=p.path,
@@ -1139,8 +1153,10 @@ class Controller:
             n_gpu_layers=p.gpu_layers,
             engine=spec.engine,
             options=dict(spec.engine_options),
-            digest=self._model_file(p.model).model_digest,
+            digest=model.model_digest,
             fetch_from=self._head_url(),
+            projector=model.projector,
+            projector_digest=model.projector_digest,
         )
 
     def _head_url(self) -> str:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nodes.errors import CorralError, InvalidRequest, ModelNotFound
-from nodes.gguf import check_gguf, read_gguf
+from nodes.gguf import check_gguf, is_projector, read_gguf
 from nodes.models import LocalModel, builtin_models, model_name
 from nodes.registry import Puller, source_of
 from nodes.store import Store
@@ -89,6 +90,8 @@ class Library:
         else:  # the built-in model lives in the wheel, not the store
             yield {"status": f"copying {base.name} into the store"}
             digest = await asyncio.to_thread(self.store.add_file, base.path)
+        if base.projector_digest:
+            yield {"status": f"using existing layer {base.projector_digest} (projector)"}
         for field in ("template", "system", "license"):
             if recipe.get(field):
                 yield {"status": f"creating new layer ({field})"}
@@ -103,35 +106,60 @@ class Library:
             parameters=params or None,
             license=_text(recipe.get("license")) or base.license,
             parent=base.name if recipe.get("from") else "",
+            projector_digest=base.projector_digest,
         )
         log.info("created %s from %s", name, base.name or digest)
         yield {"status": "success"}
 
     def _base_of(self, recipe: Mapping[str, Any]) -> LocalModel:
-        """What a create starts from: the one GGUF in ``files``, else the model ``from``."""
+        """What a create starts from: the model GGUF in ``files``, else the model ``from``;
+        with the projector GGUF of ``files`` (Ollama's second FROM line), else ``from``'s."""
         files = recipe.get("files") or {}
-        ggufs = {n: d for n, d in files.items() if str(n).lower().endswith(".gguf")}
-        if files and (len(ggufs) != 1 or len(files) > 1):
+        if any(not str(n).lower().endswith(".gguf") for n in files):
             raise InvalidRequest(
-                "files must hold exactly one .gguf file (adapters and projectors are not "
-                "supported yet)."
+                "files must hold .gguf files: a model and, for a vision model, its projector "
+                "(adapters and safetensors are not supported)."
             )
-        if ggufs:
-            [(filename, digest)] = ggufs.items()
-            if not self.store.has_blob(digest):
-                raise InvalidRequest(
-                    f"The blob {digest} of {filename} is not on the server; upload it first "
-                    f"with POST /api/blobs/{digest}."
-                )
-            path = self.store.blob_path(digest)
+        models, projectors = [], []
+        for filename, digest in files.items():
+            path = self._uploaded(filename, digest)
             try:
-                check_gguf(path)
+                projector = is_projector(path)
             except CorralError as exc:
                 raise InvalidRequest(f"{filename}: {exc.message}") from None
-            return LocalModel(name="", path=str(path), size=0, modified_at=0.0, model_digest=digest)
-        if recipe.get("from"):
-            return self.get(str(recipe["from"]))
-        raise InvalidRequest("Say what to create the model from: `from` or `files`.")
+            (projectors if projector else models).append((digest, path))
+        if len(models) > 1 or len(projectors) > 1:
+            raise InvalidRequest(
+                f"files must hold one model GGUF and at most one projector GGUF, not "
+                f"{len(models)} models and {len(projectors)} projectors."
+            )
+        if models:
+            [(digest, path)] = models
+            base = LocalModel(name="", path=str(path), size=0, modified_at=0.0, model_digest=digest)
+        elif recipe.get("from"):
+            base = self.get(str(recipe["from"]))
+        elif projectors:
+            raise InvalidRequest("A projector needs its model: add the model's GGUF, or `from`.")
+        else:
+            raise InvalidRequest("Say what to create the model from: `from` or `files`.")
+        if projectors:
+            [(digest, path)] = projectors
+            base = replace(base, projector=str(path), projector_digest=digest)
+        return base
+
+    def _uploaded(self, filename: str, digest: str) -> Path:
+        """The blob an upload of ``filename`` left in the store, checked to be a GGUF."""
+        if not self.store.has_blob(digest):
+            raise InvalidRequest(
+                f"The blob {digest} of {filename} is not on the server; upload it first "
+                f"with POST /api/blobs/{digest}."
+            )
+        path = self.store.blob_path(digest)
+        try:
+            check_gguf(path)
+        except CorralError as exc:
+            raise InvalidRequest(f"{filename}: {exc.message}") from None
+        return path
 
     def copy(self, source: str, destination: str) -> None:
         """Another name for ``source``; a built-in model is first imported into the store."""

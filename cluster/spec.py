@@ -97,6 +97,11 @@ class ModelSpec(_Strict):
         description="where the weights come from: a model Corral has (default: the name) "
         "or the path of a .gguf file on the head node",
     )
+    projector: str | None = Field(
+        default=None,
+        description="a vision model's projector (mmproj): the path of its .gguf file on the "
+        "head node (default: the library model's own, if it has one)",
+    )
     context: int | None = Field(
         default=None, ge=64, description="context length in tokens (default: corral.yaml num_ctx)"
     )
@@ -186,9 +191,10 @@ def _resolve_sources(data: dict[str, Any], base: Path) -> dict[str, Any]:
         return data
     resolved = []
     for entry in models:
-        source = entry.get("source") if isinstance(entry, dict) else None
-        if isinstance(source, str) and source.endswith(".gguf") and not Path(source).is_absolute():
-            entry = {**entry, "source": str((base / source).resolve())}
+        for key in ("source", "projector"):
+            path = entry.get(key) if isinstance(entry, dict) else None
+            if isinstance(path, str) and path.endswith(".gguf") and not Path(path).is_absolute():
+                entry = {**entry, key: str((base / path).resolve())}
         resolved.append(entry)
     return {**data, "models": resolved}
 

@@ -37,6 +37,8 @@ class ChatMessage:
 
     An assistant turn may carry the ``tool_calls`` it made and its ``thinking``; a
     ``tool`` turn is a call's result, for the call ``tool_call_id`` of ``tool_name``.
+    ``images`` are the encoded image files (PNG, JPEG ...) the turn shows, in order:
+    each stands where ``IMAGE_MARKER`` is in ``content``.
     """
 
     role: str
@@ -45,6 +47,19 @@ class ChatMessage:
     tool_call_id: str = ""
     tool_name: str = ""
     thinking: str = ""
+    images: tuple[bytes, ...] = ()
+
+
+# Where an image of a message stands in its content (llama.cpp mtmd's default marker).
+IMAGE_MARKER = "<__media__>"
+
+
+def with_images(text: str, n_images: int) -> str:
+    """``text`` after one ``IMAGE_MARKER`` per image, as Ollama puts a turn's images
+    before its words."""
+    if not n_images:
+        return text
+    return IMAGE_MARKER * n_images + ("\n" + text if text else "")
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -134,23 +149,39 @@ class GenerateRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("a GenerateRequest has exactly one of messages or prompt")
 
+    @property
+    def images(self) -> tuple[bytes, ...]:
+        """Every image of the chat, in order."""
+        return tuple(image for m in self.messages or () for image in m.images)
+
 
 class Prompt(list[int]):
     """The tokens ``Engine.encode`` made, and how to read the output that follows them.
 
     It is a list of tokens like any other; ``output`` (None for a raw prompt) is the
     plan the engine made from the chat's tools and thinking, which ``generate``,
-    given the same object, follows.
+    given the same object, follows. A prompt with images keeps its rendered ``text``
+    and the ``images`` for ``generate`` to evaluate; its tokens then hold a stand-in
+    id (negative, never a token) at each image position, so that its length is what
+    the prompt takes of the context.
     """
 
-    __slots__ = ("output",)
+    __slots__ = ("output", "text", "images")
 
-    def __init__(self, tokens: Iterable[int] = (), output: OutputPlan | None = None) -> None:
+    def __init__(
+        self,
+        tokens: Iterable[int] = (),
+        output: OutputPlan | None = None,
+        text: str = "",
+        images: tuple[bytes, ...] = (),
+    ) -> None:
         super().__init__(tokens)
         self.output = output
+        self.text = text
+        self.images = images
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (list(self), self.output))
+        return (type(self), (list(self), self.output, self.text, self.images))
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +269,10 @@ class EngineSpec:
     # digest ("sha256:<hex>") and the head's API ("http://10.0.0.2:11434"); "" for none.
     digest: str = ""
     fetch_from: str = ""
+    # The projector GGUF (mmproj) of a vision model, and its blob's digest (fetched like
+    # the model's); "" for a text-only model.
+    projector: str = ""
+    projector_digest: str = ""
 
 
 class Engine(Protocol):

@@ -4,7 +4,9 @@ It speaks the same protocol as ``LlamaCppEngine`` and honours the same
 settings that matter to the layers above it (max_tokens, stop sequences,
 context length, cancellation), but its "model" is a word list: the same
 prompt and seed always give the same words, at a set delay per token. Tools
-and thinking are accepted and ignored: the words are always the answer.
+and thinking are accepted and ignored: the words are always the answer. Images
+are taken when the spec names a projector (each adds a word per 1,000 bytes to
+the prompt), else refused as the real engine refuses them.
 
 Options (``EngineSpec.options``):
 
@@ -50,6 +52,7 @@ from nodes.engine import (
     check_prompt_fits,
     max_new_tokens,
 )
+from nodes.errors import InvalidRequest
 
 WORDS = (
     "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima "
@@ -88,6 +91,7 @@ class FakeEngine:
     """Deterministic words at a configurable pace; one token per word."""
 
     def __init__(self, spec: EngineSpec) -> None:
+        self._spec = spec
         opts = spec.options
         self.token_delay = float(opts.get("token_delay", 0.01))
         by_node = opts.get("token_delay_by_node") or {}
@@ -112,8 +116,17 @@ class FakeEngine:
         )
 
     def encode(self, request: GenerateRequest) -> list[int]:
+        if request.images and not self._spec.projector:  # as LlamaCppEngine refuses them
+            raise InvalidRequest(
+                f"{self._spec.model} takes text only; image inputs are not supported.",
+                param="messages",
+            )
         if request.messages is not None:
-            text = "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+            # an image is one word per 1,000 bytes of it (a model's image tokens)
+            text = "\n".join(
+                f"{m.role}: {m.content}" + " image" * sum(1 + len(i) // 1000 for i in m.images)
+                for m in request.messages
+            )
             param = "messages"
         else:
             text = request.prompt or ""

@@ -20,6 +20,9 @@ GPU layers, following how llama.cpp allocates:
   attention product also converts those scores to f16 in a work buffer.
 - a fixed allowance for the runtime (threads, allocator) and, per GPU, the
   CUDA context.
+- a vision model's projector (``projector_bytes``): its file, loaded whole by
+  mtmd on the GPU when the model has layers there, else in RAM, plus a quarter
+  again for its encoder's compute buffer (not measured: an allowance).
 
 Measured (``bench/estimate.py``, the starter model and a synthetic F16 model
 of another shape): within 1% of the buffer sizes llama.cpp logs, and within 4%
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,7 @@ class GgufInfo:
     # Every key of the header (Ollama's /api/show model_info); long arrays such as the
     # vocabulary are None, as Ollama shows them unless asked to be verbose.
     metadata: dict[str, Any] = field(default_factory=dict)
+    projector_bytes: int = 0  # a vision model's projector file (mmproj); 0: none
 
     @property
     def weights_bytes(self) -> int:
@@ -158,8 +162,9 @@ class MemoryEstimate:
         return self.weights_vram + self.kv_vram + self.compute_vram + self.overhead_vram
 
 
-def read_gguf(path: str | Path) -> GgufInfo:
-    """Metadata and tensor sizes of the model in ``path``.
+def read_gguf(path: str | Path, projector: str | Path = "") -> GgufInfo:
+    """Metadata and tensor sizes of the model in ``path`` (and the size of its
+    ``projector``, for a vision model).
 
     Results are cached while the file's size and modification time stay the
     same: reading a large vocabulary takes seconds.
@@ -167,7 +172,33 @@ def read_gguf(path: str | Path) -> GgufInfo:
     p = Path(path)
     check_gguf(p)
     stat = p.stat()
-    return _read_gguf(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    info = _read_gguf(str(p.resolve()), stat.st_size, stat.st_mtime_ns)
+    if projector:
+        check_gguf(projector)
+        info = replace(info, projector_bytes=Path(projector).stat().st_size)
+    return info
+
+
+def is_projector(path: str | Path) -> bool:
+    """Whether the GGUF in ``path`` is a vision projector (mmproj), as Ollama decides:
+    ``general.type`` says so, or it has vision blocks and no language-model blocks
+    (``clip.vision.block_count`` without ``clip.block_count``)."""
+    import gguf
+
+    check_gguf(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt files raise anything
+        raise ModelLoadFailed(f"The file {path} is not a readable GGUF file ({exc}).") from None
+
+    def value(key: str) -> Any:
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    arch = value("general.architecture") or ""
+    if value("general.type") == "projector":
+        return True
+    return not value(f"{arch}.block_count") and bool(value(f"{arch}.vision.block_count"))
 
 
 @functools.lru_cache(maxsize=128)
@@ -289,6 +320,11 @@ def estimate_memory(
         weights_vram += info.output_bytes + info.tied_head_bytes
     else:
         weights_ram += info.output_bytes
+    projector = info.projector_bytes + info.projector_bytes // 4  # weights and compute
+    if gpu_layers:  # mtmd puts the projector on the GPU whenever the model uses one
+        weights_vram += projector
+    else:
+        weights_ram += projector
 
     kv = [int(cells * info.kv_bytes_per_token(i, kv_type)) for i in range(n)]
     kv_vram = sum(b for b, g in zip(kv, on_gpu, strict=True) if g)

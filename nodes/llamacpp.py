@@ -4,6 +4,8 @@ We drive ``Llama.generate`` (llama-cpp-python's token loop: prefix-cache reuse,
 the sampler chain) rather than ``create_completion``, because we need what the
 latter hides: exact token counts in streams, the time to the first token, a
 cancel check between tokens, and one event type shared with the fake engine.
+A model with a projector takes images: ``nodes/multimodal.py`` evaluates them
+into the context before ``Llama.generate`` goes on from the last token.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from nodes.engine import (
 )
 from nodes.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
 from nodes.gguf import check_gguf
+from nodes.multimodal import Projector
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,19 @@ class LlamaCppEngine:
         log.info("%s: CPU kernels %s (%s)", spec.model, self.kernels.label, self.kernels.reason)
         self._llm = self._load(embedding=False, n_ctx=spec.n_ctx)
         self._embedder: llama_cpp.Llama | None = None
+        self._projector: Projector | None = None
+        if spec.projector:
+            try:
+                check_gguf(spec.projector)
+                self._projector = Projector(
+                    spec.projector,
+                    self._llm,
+                    n_threads=self._threads,
+                    use_gpu=spec.n_gpu_layers != 0,
+                )
+            except ModelLoadFailed:
+                self._llm.close()
+                raise
         metadata = self._llm.metadata
         arch = metadata.get("general.architecture", "")
         n_ctx_train = int(metadata.get(f"{arch}.context_length", self._llm.n_ctx()))
@@ -196,10 +212,29 @@ class LlamaCppEngine:
                 f"The model's chat template refused these messages: {exc}", param="messages"
             ) from exc
 
+    def _check_images(self, images: tuple[bytes, ...]) -> Projector | None:
+        """The projector that takes ``images``; a 400 for a model without one."""
+        if images and self._projector is None:
+            raise InvalidRequest(
+                f"{self._spec.model} takes text only; image inputs are not supported.",
+                param="messages",
+            )
+        return self._projector if images else None
+
+    def _tokenize_chat(self, text: str, images: tuple[bytes, ...]) -> list[int]:
+        """A rendered chat's tokens; with images, a stand-in id at each image position."""
+        projector = self._check_images(images)
+        if projector is None:
+            return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        with projector.tokenize(text, images) as (segments, _):
+            return [t for segment in segments for t in segment.tokens]
+
     # -- Engine protocol --------------------------------------------------------
 
     def encode(self, request: GenerateRequest) -> list[int]:
         if request.messages is not None:
+            images = request.images
+            self._check_images(images)  # before rendering: the cheap refusal
             text = self._render_chat(request)
             plan = plan_output(
                 self.caps,
@@ -215,8 +250,8 @@ class LlamaCppEngine:
                     "the output; send one of them.",
                     param="tool_choice",
                 )
-            ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            tokens: list[int] = Prompt(ids, plan)
+            ids = self._tokenize_chat(text, images)
+            tokens: list[int] = Prompt(ids, plan, text=text if images else "", images=images)
             param = "messages"
         else:
             assert request.prompt is not None
@@ -244,6 +279,13 @@ class LlamaCppEngine:
         produced = 0
         reason: FinishReason = "length"
         hit_stop_sequence = False
+        images: tuple[bytes, ...] = getattr(tokens, "images", ())
+        if images and self._projector is not None:
+            # Text and images but the last token go into the context here (the images
+            # through the projector); Llama.generate finds them cached and goes on.
+            text: str = getattr(tokens, "text", "")
+            with self._projector.tokenize(text, images) as (segments, chunks):
+                tokens = self._projector.prefill(segments, chunks, llm.n_batch)
         stream = llm.generate(
             tokens,
             top_k=params.top_k,
@@ -304,6 +346,9 @@ class LlamaCppEngine:
         return Embeddings(vectors=[list(map(float, v)) for v in vectors], prompt_tokens=n_tokens)
 
     def close(self) -> None:
+        if self._projector is not None:
+            self._projector.close()
+            self._projector = None
         for llm in (self._llm, self._embedder):
             if llm is not None:
                 llm.close()

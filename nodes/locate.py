@@ -10,6 +10,8 @@ order:
 3. the blob fetched from the head's ``/api/blobs/sha256:<hex>`` into this
    node's store: resumable and checked against its digest, so a node never
    reaches the internet for a model the head already has.
+
+A vision model's projector (``EngineSpec.projector``) is found the same way.
 """
 
 from __future__ import annotations
@@ -36,31 +38,45 @@ def node_store() -> Store:
 
 
 async def locate(spec: EngineSpec, store: Store | None = None) -> EngineSpec:
-    """``spec`` with a ``path`` that exists on this node (see module docstring)."""
-    if spec.engine != "llama.cpp" or await asyncio.to_thread(Path(spec.path).is_file):
+    """``spec`` with a ``path`` (and ``projector``) that exist on this node (see module
+    docstring)."""
+    if spec.engine != "llama.cpp":
         return spec
-    if not spec.digest:
+    path = await _locate_file(spec, spec.path, spec.digest, "model file", store)
+    projector = spec.projector
+    if projector:
+        digest = spec.projector_digest
+        projector = await _locate_file(spec, projector, digest, "projector", store)
+    return replace(spec, path=path, projector=projector)
+
+
+async def _locate_file(
+    spec: EngineSpec, path: str, digest: str, what: str, store: Store | None
+) -> str:
+    if await asyncio.to_thread(Path(path).is_file):
+        return path
+    if not digest:
         raise ModelLoadFailed(
-            f"The model file {spec.path} is not on this node, and the head gave no digest to "
+            f"The {what} {path} is not on this node, and the head gave no digest to "
             f"fetch it by. Put the models on storage every node mounts at the same path."
         )
     store = store or node_store()
-    if store.has_blob(spec.digest):
-        return replace(spec, path=str(store.blob_path(spec.digest)))
+    if store.has_blob(digest):
+        return str(store.blob_path(digest))
     if not spec.fetch_from:
-        raise ModelLoadFailed(f"The model file {spec.path} is not on this node.")
-    url = f"{spec.fetch_from}/api/blobs/{spec.digest}"
-    log.info("fetching %s (%s) from %s into %s", spec.model, spec.digest, url, store.root)
+        raise ModelLoadFailed(f"The {what} {path} is not on this node.")
+    url = f"{spec.fetch_from}/api/blobs/{digest}"
+    log.info("fetching %s (%s) from %s into %s", spec.model, digest, url, store.root)
     from nodes.registry import Puller  # only a node that fetches pays for the import
 
     try:
         key = node_api_key()
         headers = {"Authorization": f"Bearer {key}"} if key else None
-        path = await Puller(store).fetch_blob(spec.digest, url, headers=headers)
+        fetched = await Puller(store).fetch_blob(digest, url, headers=headers)
     except CorralError as exc:
         raise ModelLoadFailed(
             f"{spec.model} is not on this node and fetching it from the head failed: "
             f"{exc.message} (the head's API must be reachable from every node: serve it on "
             f"0.0.0.0, or put the models on shared storage)"
         ) from None
-    return replace(spec, path=str(path))
+    return str(fetched)

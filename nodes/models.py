@@ -54,6 +54,10 @@ class LocalModel:
     parameters: dict[str, Any] = field(default_factory=dict)  # default options (stop, ...)
     license: str | None = None
     builtin: bool = False  # ships with Corral (the starter model): nothing to delete
+    # The projector GGUF (mmproj) of a vision model, and its blob's "sha256:<hex>";
+    # "" for a model that takes text only.
+    projector: str = ""
+    projector_digest: str = ""
 
     @classmethod
     def from_file(cls, name: str, path: Path) -> LocalModel:

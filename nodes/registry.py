@@ -14,6 +14,8 @@
   files with their sha256; ``choose_gguf`` picks the one of the quantization
   asked for (``Q4_K_M`` by default, else the only one), which downloads like a
   registry blob (verified by that sha256) and becomes ``hf.co/org/repo:quant``.
+  A repository that holds a vision projector (an ``mmproj`` GGUF) gets it pulled
+  too (``choose_projector``), as the model's projector layer.
 - an ``http(s)`` URL of a ``.gguf`` file: downloaded, checked to be GGUF,
   hashed, and named after the file (``<stem>:latest``).
 - a local ``.gguf`` path: copied into the store, named the same way.
@@ -160,6 +162,32 @@ def choose_gguf(files: Iterable[str], quant: str | None, repo: str) -> str:
 
 
 _SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.IGNORECASE)
+# The precision of a projector to pull when a repository has several, best first (the
+# projector is small beside the model; llama.cpp's own conversions ship F16).
+_PROJECTOR_PREFERENCE = ("f16", "bf16", "f32", "q8_0")
+
+
+def choose_projector(files: Iterable[str], model_file: str) -> str | None:
+    """The vision projector (``mmproj`` GGUF) of a repository for ``model_file``, if any:
+    one in the model's folder first, then F16, BF16, F32, Q8_0, then the first by name."""
+    folder = str(PurePosixPath(model_file).parent)
+    projectors = [
+        f
+        for f in files
+        if f.lower().endswith(".gguf") and "mmproj" in PurePosixPath(f).name.lower()
+    ]
+    if not projectors:
+        return None
+
+    def rank(f: str) -> tuple:
+        parts = re.split(r"[-.]", PurePosixPath(f).name[: -len(".gguf")].lower())
+        precision = next(
+            (i for i, q in enumerate(_PROJECTOR_PREFERENCE) if q in parts),
+            len(_PROJECTOR_PREFERENCE),
+        )
+        return str(PurePosixPath(f).parent) != folder, precision, f
+
+    return min(projectors, key=rank)
 
 
 def _quant_of(filename: str) -> str:
@@ -295,7 +323,32 @@ class Puller:
             emit({"status": "verifying sha256 digest"})  # it was, before it was stored
         else:  # a small file kept in git, not LFS: no sha256 to check it against
             digest = await self._download_gguf(url, opener, filename, emit)
-        await self._create(local_name(name), digest, emit)
+        projector = choose_projector(files, filename)
+        projector_digest = ""
+        if projector is not None:
+            projector_digest = await self._hf_file(repo, revision, projector, files, emit)
+        await self._create(local_name(name), digest, emit, projector_digest)
+
+    async def _hf_file(
+        self,
+        repo: str,
+        revision: str,
+        filename: str,
+        files: dict[str, tuple[int | None, str | None]],
+        emit: Emit,
+    ) -> str:
+        """Another file of a Hugging Face repository (a projector) into the store."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        size, sha256 = files[filename]
+        url = hf_hub_url(repo, filename, revision=revision)
+        opener = _opener(url, build_hf_headers())
+        if not sha256:
+            return await self._download_gguf(url, opener, filename, emit)
+        digest = normal_digest(f"sha256:{sha256}")
+        await self._blob(digest, size, opener, f"{filename} from {repo}", emit)
+        return digest
 
     async def _pull_url(self, url: str, emit: Emit) -> None:
         filename = local_name(url).rsplit(":", 1)[0]
@@ -317,9 +370,9 @@ class Puller:
         digest = await asyncio.to_thread(self.store.add_file, path, progress=copied)
         await self._create(name, digest, emit)
 
-    async def _create(self, name: str, digest: str, emit: Emit) -> None:
+    async def _create(self, name: str, digest: str, emit: Emit, projector_digest: str = "") -> None:
         emit({"status": "writing manifest"})
-        await asyncio.to_thread(self.store.create, name, digest)
+        await asyncio.to_thread(self.store.create, name, digest, projector_digest=projector_digest)
         emit({"status": "success"})
 
     async def _download_gguf(self, url: str, opener: Opener, label: str, emit: Emit) -> str:

@@ -57,6 +57,7 @@ DEFAULT_NAMESPACE = "library"
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 MODEL_TYPE = "application/vnd.ollama.image.model"
+PROJECTOR_TYPE = "application/vnd.ollama.image.projector"  # a vision model's mmproj GGUF
 TEMPLATE_TYPE = "application/vnd.ollama.image.template"
 SYSTEM_TYPE = "application/vnd.ollama.image.system"
 PARAMS_TYPE = "application/vnd.ollama.image.params"
@@ -272,8 +273,10 @@ class Store:
         parameters: dict[str, Any] | None = None,
         license: str | None = None,
         parent: str = "",
+        projector_digest: str = "",
     ) -> LocalModel:
-        """A model from a GGUF blob already in the store, with Ollama's other layers."""
+        """A model from a GGUF blob already in the store, with Ollama's other layers (and
+        a vision model's projector, another GGUF blob)."""
         ref = ModelRef.parse(name)
         model_digest = normal_digest(model_digest)
         path = self.blob_path(model_digest)
@@ -290,6 +293,13 @@ class Store:
         if parent:
             model_layer["from"] = parent
         layers = [model_layer]
+        if projector_digest:
+            projector_digest = normal_digest(projector_digest)
+            projector = self.blob_path(projector_digest)
+            if not projector.is_file():
+                raise InvalidRequest(f"The projector blob {projector_digest} is not in the store.")
+            size = projector.stat().st_size
+            layers.append({"mediaType": PROJECTOR_TYPE, "digest": projector_digest, "size": size})
         extra = (
             (TEMPLATE_TYPE, template),
             (SYSTEM_TYPE, system),
@@ -468,6 +478,13 @@ class Store:
         for text in params:
             parameters.update(_json(text, f"parameters layer of {ref.display}"))
         config = manifest.get("config")
+        projector = next((x for x in layers if x.get("mediaType") == PROJECTOR_TYPE), None)
+        projector_path = self.blob_path(projector["digest"]) if projector else None
+        if projector_path is not None and not projector_path.is_file():
+            raise ModelLoadFailed(
+                f"The projector of {ref.display} ({projector['digest']}) is missing from "
+                f"{self.blobs}; pull the model again."
+            )
         return LocalModel(
             name=ref.display,
             path=str(path),
@@ -480,6 +497,8 @@ class Store:
             system=system[-1] if system else None,
             parameters=parameters,
             license="\n".join(licenses) if licenses else None,
+            projector=str(projector_path) if projector_path else "",
+            projector_digest=normal_digest(projector["digest"]) if projector else "",
         )
 
     def _details(self, config: dict[str, Any] | None, gguf: Path, parent: str) -> ModelDetails:

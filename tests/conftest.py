@@ -166,6 +166,31 @@ def chat_models(corral, tools_model_path, thinking_model_path) -> tuple[str, str
 
 
 @pytest.fixture(scope="session")
+def projector_path(tmp_path_factory) -> Path:
+    """A synthetic LLaVA-style projector for the starter model (tests/support/vision_model.py)."""
+    from tests.support.vision_model import write_projector
+
+    return write_projector(tmp_path_factory.mktemp("vision") / "mmproj.gguf")
+
+
+@pytest.fixture(scope="session")
+def vision_model(corral, starter_path, projector_path) -> str:
+    """``vision:135m`` in the session's Corral: the starter model and a projector, created
+    from two uploaded GGUFs as ``ollama create`` sends a Modelfile with two FROM lines."""
+    import ollama
+
+    from tests.support.vision_model import VISION_MODEL
+
+    client = ollama.Client(host=corral.url, timeout=300)
+    files = {
+        "model.gguf": client.create_blob(starter_path),
+        "mmproj.gguf": client.create_blob(projector_path),
+    }
+    assert client.create(model=VISION_MODEL, files=files).status == "success"
+    return VISION_MODEL
+
+
+@pytest.fixture(scope="session")
 def openai_client(corral) -> openai.OpenAI:
     """The official OpenAI client pointed at the session's Corral."""
     return openai.OpenAI(base_url=f"{corral.url}/v1", api_key="unused", max_retries=0, timeout=60)

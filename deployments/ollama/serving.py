@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from deployments.backend import ModelBackend
 from deployments.errors import classify
 from deployments.generation import embed, gather, open_generation
+from deployments.images import image_from_base64
 from deployments.ollama import protocol as p
 from deployments.replica import StreamEvent
 from nodes.chat_output.calls import (
@@ -55,6 +56,7 @@ from nodes.engine import (
     TextDelta,
     ThinkingDelta,
     ToolCallEvent,
+    with_images,
 )
 from nodes.errors import InvalidRequest, ModelNotFound
 from nodes.models import LocalModel, ModelDetails, model_name
@@ -343,7 +345,7 @@ def chat_to_engine(req: p.ChatRequest, model: LocalModel) -> GenerateRequest:
     _refuse_common(req)
     tools = parse_tools(req.tools)
     tool_choice = parse_tool_choice(req.tool_choice, tools)
-    messages = chat_messages(req.messages)
+    messages = chat_messages(req.messages, model)
     if model.system and not any(m.role == "system" for m in messages):
         messages = (ChatMessage("system", model.system), *messages)
     params = sampling_params(req.options, model.parameters, req.format)
@@ -362,9 +364,11 @@ def generate_to_engine(req: p.GenerateRequest, model: LocalModel) -> GenerateReq
     (after ``system``, else the model's system prompt), or the whole prompt when ``raw``."""
     _log_ignored(req, req.options)
     _refuse_common(req)
-    if req.images:
+    images = _images(req.images, "images", model)
+    if images and req.raw:
         raise InvalidRequest(
-            "This model takes text only; image inputs are not supported.", param="images"
+            "Images need the model's chat template to place them: send them without raw: true.",
+            param="raw",
         )
     if req.suffix:
         raise InvalidRequest("Fill-in-the-middle (suffix) is not supported.", param="suffix")
@@ -385,7 +389,8 @@ def generate_to_engine(req: p.GenerateRequest, model: LocalModel) -> GenerateReq
         return GenerateRequest(prompt=req.prompt, params=params, keep_alive=req.keep_alive)
     system = req.system or model.system
     turns = (ChatMessage("system", system),) if system else ()
-    messages = (*turns, ChatMessage("user", req.prompt))
+    user = ChatMessage("user", with_images(req.prompt, len(images)), images=images)
+    messages = (*turns, user)
     return GenerateRequest(
         messages=messages, params=params, keep_alive=req.keep_alive, think=parse_think(req.think)
     )
@@ -485,15 +490,18 @@ def _refuse_common(req: p.GenerationFields) -> None:
         raise InvalidRequest("logprobs are not supported.", param="logprobs")
 
 
-def chat_messages(messages: list[p.Message]) -> tuple[ChatMessage, ...]:
+def chat_messages(
+    messages: list[p.Message], model: LocalModel | None = None
+) -> tuple[ChatMessage, ...]:
     """Ollama's messages as the engine's. A tool result names its tool (``tool_name``) or
     the call it answers (``tool_call_id``, as Open WebUI sends it): each gets the other
-    from the calls before it, as templates use one or the other."""
+    from the calls before it, as templates use one or the other. A turn's images go
+    before its words, as Ollama places them; ``model`` must take images if any come."""
     names: dict[str, str] = {}
     ids: dict[str, str] = {}
     out = []
     for i, msg in enumerate(messages):
-        message = _chat_message(i, msg)
+        message = _chat_message(i, msg, model)
         for call in message.tool_calls:
             names[call.id] = call.name
             ids[call.name] = call.id
@@ -505,12 +513,19 @@ def chat_messages(messages: list[p.Message]) -> tuple[ChatMessage, ...]:
     return tuple(out)
 
 
-def _chat_message(index: int, msg: p.Message) -> ChatMessage:
-    if msg.images:
+def _images(data: list[str] | None, param: str, model: LocalModel | None) -> tuple[bytes, ...]:
+    """Ollama's base64 images, decoded; a 400 for a model without a projector."""
+    if not data:
+        return ()
+    if model is not None and not model.projector:
         raise InvalidRequest(
-            "This model takes text only; image inputs are not supported.",
-            param=f"messages.{index}.images",
+            f"{model.name} takes text only; image inputs are not supported.", param=param
         )
+    return tuple(image_from_base64(image, f"{param}.{i}") for i, image in enumerate(data))
+
+
+def _chat_message(index: int, msg: p.Message, model: LocalModel | None = None) -> ChatMessage:
+    images = _images(msg.images, f"messages.{index}.images", model)
     calls = tuple(
         ToolCall(
             name=call.function.name,
@@ -524,7 +539,8 @@ def _chat_message(index: int, msg: p.Message) -> ChatMessage:
     tool = msg.role == "tool"
     return ChatMessage(
         role=msg.role,
-        content=msg.content,
+        content=with_images(msg.content, len(images)),
+        images=images,
         tool_calls=calls,
         tool_call_id=(msg.tool_call_id or "") if tool else "",
         tool_name=(msg.tool_name or "") if tool else "",
@@ -754,7 +770,11 @@ def show_response(model: LocalModel, metadata: Mapping[str, Any]) -> p.ShowRespo
     to be verbose.
     """
     chat_template = effective_template(metadata.get("tokenizer.chat_template"))
-    capabilities = ["completion", *template_caps(chat_template).capabilities()]
+    caps = template_caps(chat_template)
+    capabilities = ["completion"]  # in Ollama's order: tools, vision, thinking
+    capabilities += ["tools"] if caps.tools else []
+    capabilities += ["vision"] if model.projector else []
+    capabilities += ["thinking"] if caps.thinking else []
     if any(key.endswith(".pooling_type") for key in metadata):
         capabilities.append("embedding")
     return p.ShowResponse(
@@ -779,6 +799,8 @@ def modelfile(model: LocalModel) -> str:
         "",
         f"FROM {model.path}",
     ]
+    if model.projector:  # a vision model's projector: Ollama's second FROM line
+        lines.append(f"FROM {model.projector}")
     if model.template:
         lines.append(f"TEMPLATE {_quote(model.template)}")
     if model.system:

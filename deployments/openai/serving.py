@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from deployments.backend import ModelBackend
 from deployments.errors import openai_sse_error
 from deployments.generation import embed, gather, open_generation
+from deployments.images import image_from_url
 from deployments.openai import protocol as p
 from deployments.replica import StreamEvent
 from nodes.chat_output.calls import (
@@ -33,6 +34,7 @@ from nodes.chat_output.calls import (
     think_from_effort,
 )
 from nodes.engine import (
+    IMAGE_MARKER,
     ChatMessage,
     Finished,
     GenerateRequest,
@@ -239,6 +241,7 @@ def sampling_params(
 
 def _chat_message(index: int, msg: p.ChatMessageIn) -> ChatMessage:
     content = msg.content
+    images: list[bytes] = []
     if content is None:
         text = ""
     elif isinstance(content, str):
@@ -246,12 +249,12 @@ def _chat_message(index: int, msg: p.ChatMessageIn) -> ChatMessage:
     else:
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, p.TextPart):
-                raise InvalidRequest(
-                    "This model takes text only; image inputs are not supported.",
-                    param=f"messages.{index}.content.{j}",
-                )
-            parts.append(part.text)
+            if isinstance(part, p.TextPart):
+                parts.append(part.text)
+            else:  # an image stands where its part is, among the texts
+                param = f"messages.{index}.content.{j}.image_url.url"
+                images.append(image_from_url(part.image_url.url, param))
+                parts.append(IMAGE_MARKER)
         text = "\n".join(parts)
     # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
     role = "system" if msg.role == "developer" else msg.role
@@ -272,6 +275,7 @@ def _chat_message(index: int, msg: p.ChatMessageIn) -> ChatMessage:
         tool_call_id=(msg.tool_call_id or "") if role == "tool" else "",
         tool_name=(msg.name or "") if role == "tool" else "",
         thinking=msg.reasoning_content or "",
+        images=tuple(images),
     )
 
 

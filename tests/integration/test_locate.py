@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import replace
 
 import ollama
 import pytest
@@ -64,3 +65,20 @@ def test_an_unreachable_head_says_how_to_fix_it(tmp_path, uploaded):
     store = Store(tmp_path)
     with pytest.raises(ModelLoadFailed, match="reachable from every node"):
         asyncio.run(locate(spec("/elsewhere/model.gguf", uploaded, "http://127.0.0.1:9"), store))
+
+
+def test_a_vision_models_projector_is_found_like_its_model(
+    tmp_path, corral, uploaded, projector_path
+):
+    projector = ollama.Client(host=corral.url).create_blob(projector_path)
+    store = Store(tmp_path)
+    wanted = replace(
+        spec("/elsewhere/model.gguf", uploaded, corral.url),
+        projector="/elsewhere/mmproj.gguf",
+        projector_digest=projector,
+    )
+    found = asyncio.run(locate(wanted, store))
+    assert found.projector == str(store.blob_path(projector))
+    assert store.blob_path(projector).read_bytes() == projector_path.read_bytes()
+    in_place = replace(wanted, projector=str(projector_path))  # shared storage: used there
+    assert asyncio.run(locate(in_place, store)).projector == str(projector_path)

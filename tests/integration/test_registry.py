@@ -18,12 +18,13 @@ import pytest
 
 from nodes.errors import ModelNotFound, PullFailed
 from nodes.registry import Puller
-from nodes.store import Store
+from nodes.store import PROJECTOR_TYPE, Store
 from tests.support.oci import (
     PARAMS,
     TEMPLATE,
     OllamaModel,
     RegistryProxy,
+    file_sha256,
     ollama_model,
     push_model,
     running_registry,
@@ -343,3 +344,66 @@ def test_fetch_blob_refuses_bytes_of_another_digest(tmp_path, proxy, starter):
         asyncio.run(Puller(store).fetch_blob(wrong, url))
     assert not store.has_blob(wrong)
     assert not [p for p in store.blobs.iterdir()]
+
+
+def with_projector(model: OllamaModel, projector: Path) -> OllamaModel:
+    """``model`` with a vision projector layer after its model layer, as Ollama's vision
+    models (llava, moondream) are pushed."""
+    digest = file_sha256(projector)
+    layer = {"mediaType": PROJECTOR_TYPE, "digest": digest, "size": projector.stat().st_size}
+    model_layer, *rest = model.manifest["layers"]
+    manifest = {**model.manifest, "layers": [model_layer, layer, *rest]}
+    return OllamaModel(manifest, {**model.blobs, digest: projector}, model.config)
+
+
+def test_a_vision_model_pulls_with_its_projector(
+    tmp_path, registry, proxy, starter, projector_path
+):
+    vision = with_projector(starter, projector_path)
+    push_model(registry.url, REPOSITORY, "vision", vision)
+    store = Store(tmp_path)
+    events = collect(Puller(store, part_size=PART), model_name(proxy, "vision"))
+    assert events[-1] == {"status": "success"}
+    model = store.get(model_name(proxy, "vision"))
+    projector = vision.manifest["layers"][1]["digest"]
+    assert model.projector_digest == projector and model.model_digest == starter.model_digest
+    assert Path(model.projector).read_bytes() == projector_path.read_bytes()
+    assert store.manifest(model_name(proxy, "vision")) == vision.manifest
+
+
+def test_a_hugging_face_pull_brings_the_repositorys_projector(
+    tmp_path, registry, proxy, starter, starter_path, projector_path, monkeypatch
+):
+    """The Hub's file list names a model and two projectors: the F16 one comes along."""
+    import huggingface_hub
+
+    from nodes import registry as registry_module
+
+    vision = with_projector(starter, projector_path)
+    push_model(registry.url, REPOSITORY, "vision", vision)  # the proxy serves blobs from here
+    projector = vision.manifest["layers"][1]["digest"]
+    repo, revision = "ggml-org/SmolVLM-Tiny-GGUF", "0123abc"
+    listing = {
+        "smolvlm-tiny-q4_1.gguf": (starter_path.stat().st_size, starter.model_digest[7:]),
+        "mmproj-smolvlm-tiny-f16.gguf": (projector_path.stat().st_size, projector[7:]),
+        "mmproj-smolvlm-tiny-q8_0.gguf": (1000, "2" * 64),
+    }
+    monkeypatch.setattr(registry_module, "_hf_files", lambda repo_id, name: (listing, revision))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_url",
+        lambda repo_id, filename, *, revision: (
+            f"{proxy.url}/{repo_id}/resolve/{revision}/{filename}"
+        ),
+    )
+    for filename, digest in (
+        ("smolvlm-tiny-q4_1.gguf", starter.model_digest),
+        ("mmproj-smolvlm-tiny-f16.gguf", projector),
+    ):
+        proxy.files[f"/{repo}/resolve/{revision}/{filename}"] = f"/v2/{REPOSITORY}/blobs/{digest}"
+    store = Store(tmp_path)
+    events = collect(Puller(store, part_size=PART), f"hf.co/{repo}:Q4_1")
+    assert events[-1] == {"status": "success"}
+    model = store.get(f"hf.co/{repo.lower()}:q4_1")
+    assert model.model_digest == starter.model_digest and model.projector_digest == projector
+    assert Path(model.projector).read_bytes() == projector_path.read_bytes()

@@ -53,12 +53,14 @@ from tests.support.serve import serve_app
 
 A, B = "fake:a", "fake:b"
 BROKEN = "fake:broken"  # its engine fails after two tokens: a stream that breaks midway
+SEES = "fake:sees"  # takes images (its spec names a projector), so they are decoded
 PULLABLE = "library/pulled:q4"
 # Short replies keep streams well under schemathesis's event limit and the run fast.
 FAKE = {"token_delay": 0, "reply_tokens": 4}
 SPECS = [
     *(EngineSpec(model=m, path="", engine="fake", options=FAKE) for m in (A, B)),
     EngineSpec(model=BROKEN, path="", engine="fake", options={**FAKE, "fail_after": 2}),
+    EngineSpec(model=SEES, path="", engine="fake", options=FAKE, projector="/mmproj.gguf"),
 ]
 
 EXAMPLES = 50  # generated cases per operation and mode (one, for a route with no input)
@@ -483,6 +485,79 @@ def test_tools_and_tool_turns_with_every_wrong_type(url, http, path):
                     http, url, "POST", path, json.dumps({**body, "stream": stream}).encode()
                 )
                 record("hand-written", "tool fields", "", response.status_code)
+
+
+PIXEL = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGNgYGAAAAAEAAH2FzhVAAAAAElFTkSuQmCC"
+)
+IMAGE_VALUES = [
+    f"data:image/png;base64,{PIXEL}",
+    PIXEL,
+    "https://example.com/cat.png",
+    "data:image/png;base64,%%%",
+    "data:text/plain;base64,aGk=",
+    "data:image/png,raw",
+    "data:;base64," + "A" * 10_001,
+    "\x00",
+]
+
+
+def image_bodies(path: str, model: str, value: object) -> list[dict]:
+    """``value`` in every place an image goes, on the chat route ``path``."""
+    base = {**BODIES["POST", path], "model": model}
+    if path == "/api/generate":
+        return [
+            {**base, "images": value},
+            {**base, "images": [value]},
+            {**base, "images": [value] * 3, "raw": True},
+        ]
+    if path == "/api/chat":
+        turn = {"role": "user", "content": "hi"}
+        return [
+            {**base, "messages": [{**turn, "images": value}]},
+            {**base, "messages": [{**turn, "images": [value, value]}]},
+        ]
+    turn = {"role": "user", "content": [{"type": "text", "text": "hi"}]}
+    return [
+        {**base, "messages": [{"role": "user", "content": [value]}]},
+        {
+            **base,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": value}]}],
+        },
+        {
+            **base,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        *turn["content"],
+                        {"type": "image_url", "image_url": {"url": value, "detail": value}},
+                    ],
+                }
+            ],
+        },
+    ]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat", "/api/generate"])
+def test_images_with_every_wrong_type_and_value(url, http, path):
+    """Image parts and Ollama's images: no 5xx, for a model that takes images or not,
+    whatever they hold (a good image: 200; a remote URL, bad base64: 400)."""
+    for model in (A, SEES):
+        for value in [*WRONG, *IMAGE_VALUES]:
+            for body in image_bodies(path, model, value):
+                for stream in (False, True):
+                    data = json.dumps({**body, "stream": stream}).encode()
+                    response = send(http, url, "POST", path, data)
+                    record("hand-written", "image fields", "", response.status_code)
+    good = image_bodies(
+        path, SEES, f"data:image/png;base64,{PIXEL}" if path.startswith("/v1") else PIXEL
+    )
+    body = good[2] if path.startswith("/v1") else good[1]
+    response = send(http, url, "POST", path, json.dumps(body).encode())
+    assert response.status_code == 200, response.text
+    response = send(http, url, "POST", path, json.dumps({**body, "model": A}).encode())
+    assert response.status_code == 400 and "takes text only" in response.text, response.text
 
 
 SAMPLING_OPTIONS = [

@@ -256,8 +256,10 @@ class LocalBackend:
 def _plain_model(spec: EngineSpec) -> LocalModel:
     path = Path(spec.path)
     if spec.path and path.is_file():
-        return LocalModel.from_file(spec.model, path)
-    return LocalModel(name=spec.model, path=spec.path, size=0, modified_at=0.0)
+        model = LocalModel.from_file(spec.model, path)
+    else:
+        model = LocalModel(name=spec.model, path=spec.path, size=0, modified_at=0.0)
+    return replace(model, projector=spec.projector)
 
 
 def _checked(name: str) -> str:

@@ -210,7 +210,7 @@ def test_a_modelfile_from_a_model_name_only():
         ('FROM x\nSYSTEM """never\nclosed\n', 2, '""" opened here is never closed'),
         ('FROM x\nSYSTEM """a\nb""" trailing\n', 3, "unexpected text after the closing"),
         ('FROM x\nSYSTEM "open\n', 2, "quote in '\"open' is never closed"),
-        ("FROM x\nFROM y\n", 2, "a second FROM (the first is on line 1)"),
+        ("FROM x\nFROM y\nFROM z\n", 3, "a third FROM"),
         ("# only a comment\nSYSTEM hi\n", 0, "no FROM line"),
     ],
 )
@@ -542,6 +542,35 @@ def test_create_from_a_modelfile_sends_its_instructions(server, gguf, tmp_path, 
             "stream": True,
         }
     ]
+
+
+def test_create_a_vision_model_from_a_modelfile_with_two_froms(server, gguf, tmp_path):
+    path, digest = gguf
+    projector = tmp_path / "mmproj.gguf"
+    projector.write_bytes(b"GGUF projector")
+    projector_digest = "sha256:" + hashlib.sha256(projector.read_bytes()).hexdigest()
+    (tmp_path / "Modelfile").write_text("FROM ./tiny.gguf\nFROM ./mmproj.gguf\n")
+    server.route("HEAD", f"/api/blobs/{digest}", 200)
+    server.route("HEAD", f"/api/blobs/{projector_digest}", 200)
+    server.route("POST", "/api/create", content=CREATED)
+    result = corral("create", "eyes", "-f", str(tmp_path / "Modelfile"))
+    assert result.exit_code == 0, result.output
+    assert server.bodies("/api/create") == [
+        {
+            "model": "eyes",
+            "files": {"tiny.gguf": digest, "mmproj.gguf": projector_digest},
+            "stream": True,
+        }
+    ]
+    # a model of the library and a projector file; a projector that is no file
+    (tmp_path / "Modelfile").write_text("FROM llama3.2:1b\nFROM ./mmproj.gguf\n")
+    result = corral("create", "eyes2", "-f", str(tmp_path / "Modelfile"))
+    assert result.exit_code == 0, result.output
+    assert server.bodies("/api/create")[-1]["from"] == "llama3.2:1b"
+    assert server.bodies("/api/create")[-1]["files"] == {"mmproj.gguf": projector_digest}
+    (tmp_path / "Modelfile").write_text("FROM ./tiny.gguf\nFROM llama3.2:1b\n")
+    result = corral("create", "eyes3", "-f", str(tmp_path / "Modelfile"))
+    assert result.exit_code != 0 and "must be a projector's GGUF file" in result.output
 
 
 def test_create_from_a_model_name_uploads_nothing(server, tmp_path, monkeypatch):

@@ -270,3 +270,19 @@ def test_truncated_gguf_file(tmp_path):
         path.write_bytes(f.read(1_000_000))
     with pytest.raises(ModelLoadFailed, match="not a readable GGUF file.*truncated or corrupt"):
         read_gguf(path)
+
+
+def test_a_projector_counts_where_mtmd_loads_it(info, starter_path, tmp_path):
+    from nodes.gguf import is_projector
+    from tests.support.vision_model import write_projector
+
+    projector = write_projector(tmp_path / "mmproj.gguf")
+    seeing = read_gguf(starter_path, projector)
+    size = projector.stat().st_size
+    assert seeing.projector_bytes == size and info.projector_bytes == 0
+    extra = size + size // 4  # its weights and an allowance for its compute buffer
+    cpu, blind_cpu = estimate_memory(seeing, 2048), estimate_memory(info, 2048)
+    assert (cpu.ram - blind_cpu.ram, cpu.vram - blind_cpu.vram) == (extra, 0)
+    gpu, blind_gpu = (estimate_memory(i, 2048, gpu_layers=5) for i in (seeing, info))
+    assert (gpu.ram - blind_gpu.ram, gpu.vram - blind_gpu.vram) == (0, extra)
+    assert is_projector(projector) and not is_projector(starter_path)

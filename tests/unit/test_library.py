@@ -66,7 +66,7 @@ def test_create_from_the_built_in_model_copies_it_into_the_store_once(library):
     [
         ({}, "from` or `files"),
         ({"files": {"m.gguf": "sha256:" + "1" * 64}}, "upload it first"),
-        ({"files": {"a.gguf": "sha256:" + "1" * 64, "b.bin": "sha256:" + "2" * 64}}, "exactly"),
+        ({"files": {"a.gguf": "sha256:" + "1" * 64, "b.bin": "sha256:" + "2" * 64}}, ".gguf files"),
         ({"from": STARTER_MODEL, "adapters": {"x": "y"}}, "adapters"),
     ],
 )
@@ -82,6 +82,46 @@ def test_create_refuses_a_blob_that_is_not_gguf(library, tmp_path):
     digest = library.store.add_file(junk)
     with pytest.raises(InvalidRequest, match="m.gguf: .*not a GGUF file"):
         create(library, "x", {"files": {"m.gguf": digest}})
+
+
+@pytest.fixture
+def projector_digest(library, tmp_path) -> str:
+    from tests.support.vision_model import write_projector
+
+    return library.store.add_file(write_projector(tmp_path / "mmproj.gguf"))
+
+
+def test_create_a_vision_model_from_a_model_and_a_projector(
+    library, starter_path, projector_digest
+):
+    digest = library.store.add_file(starter_path)
+    files = {"mmproj.gguf": projector_digest, "model.gguf": digest}  # in any order
+    statuses = create(library, "eyes", {"files": files})
+    assert f"using existing layer {projector_digest} (projector)" in statuses
+    model = library.get("eyes")
+    assert model.model_digest == digest and model.projector_digest == projector_digest
+    assert model.projector == str(library.store.blob_path(projector_digest))
+    manifest = library.store.manifest("eyes")
+    kinds = [layer["mediaType"] for layer in manifest["layers"]]
+    assert kinds[:2] == [
+        "application/vnd.ollama.image.model",
+        "application/vnd.ollama.image.projector",
+    ]
+    # a copy from it keeps the projector; a text model plus a projector becomes a vision model
+    create(library, "eyes:v2", {"from": "eyes", "system": "Look."})
+    assert library.get("eyes:v2").projector_digest == projector_digest
+    create(library, "eyes:v3", {"from": STARTER_MODEL, "files": {"p.gguf": projector_digest}})
+    assert library.get("eyes:v3").projector_digest == projector_digest
+    library.delete("eyes")
+    assert library.store.has_blob(projector_digest)  # eyes:v2 and v3 still use it
+
+
+def test_create_refuses_two_models_or_a_projector_alone(library, starter_path, projector_digest):
+    digest = library.store.add_file(starter_path)
+    with pytest.raises(InvalidRequest, match="one model GGUF and at most one projector"):
+        create(library, "x", {"files": {"a.gguf": digest, "b.gguf": digest}})
+    with pytest.raises(InvalidRequest, match="A projector needs its model"):
+        create(library, "x", {"files": {"p.gguf": projector_digest}})
 
 
 def test_copy_and_delete(library):

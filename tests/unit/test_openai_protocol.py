@@ -117,7 +117,7 @@ def test_messages_become_text_turns():
                     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
                 ]
             },
-            "messages.0.content.0",
+            "messages.0.content.0.image_url.url",
         ),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},

@@ -19,6 +19,7 @@ from nodes.registry import (
     _Part,
     _Transfer,
     choose_gguf,
+    choose_projector,
     local_name,
     parse_challenge,
     source_of,
@@ -135,6 +136,20 @@ def test_choose_gguf_without_q4_k_m_takes_the_only_file_or_asks():
         choose_gguf(split, "Q8_0", "o/r")
     nested = ["big/m-Q4_K_M.gguf", "m-Q4_K_M.gguf"]
     assert choose_gguf(nested, None, "o/r") == "m-Q4_K_M.gguf"
+
+
+def test_choose_projector_takes_the_repositorys_mmproj_if_any():
+    model = "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
+    assert choose_projector(BARTOWSKI, model) == "mmproj-Llama-3.2-1B-f16.gguf"
+    assert choose_projector(["m-Q4_K_M.gguf", "README.md"], "m-Q4_K_M.gguf") is None
+    # several precisions (as ggml-org and unsloth ship them): F16 first, then BF16, F32 ...
+    many = ["mmproj-model-f32.gguf", "mmproj-BF16.gguf", "mmproj-F16.gguf", "mmproj-Q8_0.gguf"]
+    assert choose_projector(many, model) == "mmproj-F16.gguf"
+    assert choose_projector(many[:2], model) == "mmproj-BF16.gguf"
+    assert choose_projector(["mmproj-q8_0.gguf", "mmproj-q4.gguf"], model) == "mmproj-q8_0.gguf"
+    # the projector beside the model, when the repository has folders
+    nested = ["a/mmproj-f16.gguf", "b/mmproj-f16.gguf", "b/m-Q4_K_M.gguf"]
+    assert choose_projector(nested, "b/m-Q4_K_M.gguf") == "b/mmproj-f16.gguf"
 
 
 def test_parse_challenge():

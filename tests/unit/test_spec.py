@@ -101,6 +101,19 @@ def test_every_field_of_a_full_example(tmp_path):
     assert big.keep_alive == math.inf
 
 
+def test_a_projector_path_is_relative_to_the_file_like_a_source(tmp_path):
+    text = (
+        "models:\n  - name: eyes\n    source: ./m.gguf\n    projector: ./mmproj.gguf\n"
+        "  - name: llava\n    projector: /srv/mmproj.gguf\n"
+    )
+    eyes, llava = load_models(write(tmp_path / "models.yaml", text))
+    assert (eyes.source, eyes.projector) == (
+        str(tmp_path / "m.gguf"),
+        str(tmp_path / "mmproj.gguf"),
+    )
+    assert (llava.source, llava.projector) == (None, "/srv/mmproj.gguf")
+
+
 def test_defaults_of_a_bare_entry(tmp_path):
     (spec,) = load_models(write(tmp_path / "models.yaml", "models:\n  - name: smollm2:135m\n"))
     assert spec.replicas.model_dump() == {"min": 1, "max": 1}
