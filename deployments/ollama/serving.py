@@ -39,8 +39,7 @@ from deployments.images import image_from_base64
 from deployments.ollama import protocol as p
 from deployments.replica import StreamEvent
 from nodes.chat_output.calls import (
-    ToolCall,
-    parse_arguments,
+    history_calls,
     parse_think,
     parse_tool_choice,
     parse_tools,
@@ -526,16 +525,7 @@ def _images(data: list[str] | None, param: str, model: LocalModel | None) -> tup
 
 def _chat_message(index: int, msg: p.Message, model: LocalModel | None = None) -> ChatMessage:
     images = _images(msg.images, f"messages.{index}.images", model)
-    calls = tuple(
-        ToolCall(
-            name=call.function.name,
-            arguments=parse_arguments(
-                call.function.arguments, f"messages.{index}.tool_calls.{j}.function.arguments"
-            ),
-            id=call.id or "",
-        )
-        for j, call in enumerate(msg.tool_calls or ())
-    )
+    calls = history_calls(msg.tool_calls, index)
     tool = msg.role == "tool"
     return ChatMessage(
         role=msg.role,

@@ -28,7 +28,7 @@ from deployments.openai import protocol as p
 from deployments.replica import StreamEvent
 from nodes.chat_output.calls import (
     ToolCall,
-    parse_arguments,
+    history_calls,
     parse_tool_choice,
     parse_tools,
     think_from_effort,
@@ -258,16 +258,7 @@ def _chat_message(index: int, msg: p.ChatMessageIn) -> ChatMessage:
         text = "\n".join(parts)
     # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
     role = "system" if msg.role == "developer" else msg.role
-    calls = tuple(
-        ToolCall(
-            name=call.function.name,
-            arguments=parse_arguments(
-                call.function.arguments, f"messages.{index}.tool_calls.{j}.function.arguments"
-            ),
-            id=call.id or "",
-        )
-        for j, call in enumerate(msg.tool_calls or ())
-    )
+    calls = history_calls(msg.tool_calls, index)
     return ChatMessage(
         role=role,
         content=text,

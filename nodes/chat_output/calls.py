@@ -197,6 +197,21 @@ def parse_arguments(raw: Any, param: str) -> dict[str, Any]:
     return raw
 
 
+def history_calls(calls: Sequence[Any] | None, index: int) -> tuple[ToolCall, ...]:
+    """The tool calls an earlier assistant turn (message ``index``) made, from either API:
+    both shapes have ``function.name``, ``function.arguments`` and an optional ``id``."""
+    return tuple(
+        ToolCall(
+            name=call.function.name,
+            arguments=parse_arguments(
+                call.function.arguments, f"messages.{index}.tool_calls.{j}.function.arguments"
+            ),
+            id=call.id or "",
+        )
+        for j, call in enumerate(calls or ())
+    )
+
+
 def parse_think(raw: Any, param: str = "think") -> Think | None:
     """Ollama's ``think``: true, false, or a level "low", "medium", "high"."""
     if raw is None or isinstance(raw, bool):
