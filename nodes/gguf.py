@@ -189,7 +189,10 @@ def is_projector(path: str | Path) -> bool:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt files raise anything
-        raise ModelLoadFailed(f"The file {path} is not a readable GGUF file ({exc}).") from None
+        raise ModelLoadFailed(
+            f"The file {path} is not a readable GGUF file ({exc}). It may be truncated or "
+            f"corrupt; re-download or re-create the model."
+        ) from None
 
     def value(key: str) -> Any:
         f = reader.fields.get(key)
