@@ -15,11 +15,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from deployments.anthropic.api import ANTHROPIC_PREFIX, anthropic_router
+from deployments.anthropic.serving import AnthropicServing
 from deployments.auth import Authenticate, Keyring, KeyScopedBackend
 from deployments.backend import ModelBackend
 from deployments.cluster_api import cluster_router
-from deployments.context import RequestIds, note_route
-from deployments.errors import ApiError, classify, openai_body
+from deployments.context import RequestIds, current_request, note_route
+from deployments.errors import ApiError, anthropic_body, classify, openai_body
 from deployments.metrics import ApiMetrics, RequestMetrics, metrics_router
 from deployments.middleware import (
     AccessLog,
@@ -33,6 +35,8 @@ from deployments.ollama.api import ollama_router
 from deployments.ollama.serving import OllamaServing
 from deployments.openai.api import openai_router
 from deployments.openai.serving import OpenAIServing
+from deployments.responses.api import responses_router
+from deployments.responses.serving import ResponsesServing
 from nodes.errors import CorralError
 
 log = logging.getLogger("corral.api")
@@ -56,13 +60,18 @@ def build_api(
     app = FastAPI(
         title="Corral",
         version=version,
-        description="Local LLMs on a homelab cluster: OpenAI and Ollama APIs.",
+        description=(
+            "Local LLMs on a homelab cluster: the OpenAI API (chat, completions, embeddings "
+            "and the Responses API), Ollama's API and Anthropic's Messages API."
+        ),
         dependencies=[Depends(note_route)],
     )
     keyring = keyring or Keyring(None)
     metrics = metrics or ApiMetrics()
     scoped = KeyScopedBackend(backend)  # each call held to what the request's key allows
     app.include_router(openai_router(OpenAIServing(scoped)))
+    app.include_router(responses_router(ResponsesServing(scoped)))
+    app.include_router(anthropic_router(AnthropicServing(scoped)))
     app.include_router(ollama_router(OllamaServing(scoped)))
     app.include_router(cluster_router(scoped))
     app.include_router(metrics_router(backend, metrics))
@@ -94,6 +103,9 @@ def error_response(path: str, error: ApiError) -> Response:
     """``error`` in the shape of the API that ``path`` belongs to."""
     if path.startswith("/api/"):
         body: dict = error.ollama_body
+    elif path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/"):
+        ctx = current_request()
+        body = anthropic_body(error, ctx.id if ctx is not None else None)
     else:
         body = openai_body(error)
     return JSONResponse(body, status_code=error.status, headers=error.headers)

@@ -8,7 +8,8 @@ guess a dictionary from.
 Once the file holds any key (revoked ones included: revoking the last key
 must not open the API to everyone) or ``auth.required`` is set, every route
 but the health check (``GET /``) and the API docs needs
-``Authorization: Bearer <key>``. ``Authenticate`` (ASGI middleware) checks it
+``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's clients
+send it). ``Authenticate`` (ASGI middleware) checks it
 and answers 401 in the route's own error shape; the request's ``Grant`` then
 rides in the request context, and ``KeyScopedBackend`` refuses (403) any
 model outside a limited key's list, hides those models from listings, and
@@ -54,6 +55,8 @@ T = TypeVar("T")
 KEYS_FILE = "api-keys.json"
 KEY_PREFIX = "corral-"
 # Paths anyone may call: the health check and the API's own documentation.
+# Anthropic's clients send the key as ``x-api-key: <key>``; taken when no Authorization is.
+API_KEY_HEADER = b"x-api-key"
 OPEN_PATHS = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
@@ -280,8 +283,8 @@ class Keyring:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized(
-                "This server needs an API key: send 'Authorization: Bearer <key>' "
-                "(keys come from `corral keys create` on the head)."
+                "This server needs an API key: send 'Authorization: Bearer <key>' or "
+                "'x-api-key: <key>' (keys come from `corral keys create` on the head)."
             )
         if (
             self.node_key is not None
@@ -319,7 +322,10 @@ class Authenticate(HttpMiddleware):
         if path in OPEN_PATHS or not self.keyring.active:
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        headers = dict(scope["headers"])
+        header = headers.get(b"authorization", b"").decode("latin-1")
+        if not header and (api_key := headers.get(API_KEY_HEADER, b"").decode("latin-1")):
+            header = f"Bearer {api_key}"  # Anthropic's clients send the key this way
         try:
             grant = self.keyring.check(header, path=path, method=scope["method"])
         except Unauthorized as exc:

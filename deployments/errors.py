@@ -136,3 +136,28 @@ def openai_body(error: ApiError) -> dict[str, Any]:
 def openai_sse_error(exc: BaseException) -> str:
     """A streaming error: one SSE event in OpenAI's error shape."""
     return f"data: {json.dumps(openai_body(classify(exc)))}\n\n"
+
+
+# HTTP status -> Anthropic's error type (its "HTTP errors" page); anything else: api_error.
+_ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_body(error: ApiError, request_id: str | None = None) -> dict[str, Any]:
+    """Anthropic's error shape: ``{"type": "error", "error": {"type", "message"}}``,
+    with the request's id as its ``request_id`` when there is one."""
+    kind = _ANTHROPIC_TYPES.get(error.status)
+    if kind is None:
+        kind = "invalid_request_error" if error.status < 500 else "api_error"
+    body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": error.message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ray.exceptions import RayActorError
 
@@ -34,6 +34,7 @@ from nodes.engine import (
     ThinkingDelta,
     ToolCallEvent,
 )
+from nodes.errors import InvalidRequest
 
 log = logging.getLogger("corral.generation")
 
@@ -67,6 +68,25 @@ async def open_generation(backend: ModelBackend, model: str, greq: GenerateReque
     if first and isinstance(first[0], Refused):
         raise first[0].error
     raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
+
+
+async def open_thinking_if_able(
+    backend: ModelBackend, model: str, greq: GenerateRequest
+) -> tuple[Stream, GenerateRequest]:
+    """``open_generation``, but a model that cannot think answers without thinking instead
+    of refusing; and the request that was opened (to open again, see ``gather``).
+
+    Agents on the Anthropic and Responses APIs (Claude Code, Codex) ask every model to
+    think; Ollama relaxes ``think`` on those routes the same way.
+    """
+    try:
+        return await open_generation(backend, model, greq), greq
+    except InvalidRequest as exc:
+        if exc.param != "think" or greq.think in (None, False):
+            raise
+    log.info("%s cannot think: answering without thinking", model)
+    relaxed = replace(greq, think=None)
+    return await open_generation(backend, model, relaxed), relaxed
 
 
 class _Measured:

@@ -15,8 +15,12 @@ Every response must hold to the API's contract:
 * never a 5xx: garbage is the client's mistake;
 * a 4xx in the route's error shape: OpenAI's
   ``{"error": {"message", "type", "param", "code"}}`` outside ``/api/``,
-  Ollama's ``{"error": "..."}`` under it, with a message;
-* a stream ends cleanly: SSE with ``data: [DONE]`` (or one error event),
+  Ollama's ``{"error": "..."}`` under it, Anthropic's
+  ``{"type": "error", "error": {"type", "message"}}`` under ``/v1/messages``,
+  with a message;
+* a stream ends cleanly: SSE with ``data: [DONE]`` (or one error event);
+  Anthropic's and the Responses API's named events ending with ``message_stop``
+  or ``response.completed`` / ``response.incomplete`` (or their error events);
   NDJSON with its ``done`` (or ``success``) object (or one error line).
 
 Deterministic (Hypothesis derandomized, no example database) and bounded: the
@@ -96,6 +100,9 @@ KNOWN = {
     "/v1/chat/completions": {"model": [A, B]},
     "/v1/completions": {"model": [A, B]},
     "/v1/embeddings": {"model": [A, B]},
+    "/v1/responses": {"model": [A, B]},
+    "/v1/messages": {"model": [A, B]},
+    "/v1/messages/count_tokens": {"model": [A, B]},
     "/api/chat": {"model": [A, B]},
     "/api/generate": {"model": [A, B]},
     "/api/embed": {"model": [A, B]},
@@ -184,6 +191,8 @@ def check(method: str, url: str, status: int, headers, content: bytes) -> None:
         if path.startswith("/api/"):
             assert list(body) == ["error"], where
             assert isinstance(body["error"], str) and body["error"], where
+        elif path.startswith("/v1/messages"):
+            check_anthropic_error(body, where)
         else:
             assert list(body) == ["error"], where
             error = body["error"]
@@ -203,11 +212,52 @@ def check(method: str, url: str, status: int, headers, content: bytes) -> None:
         json.loads(content)
 
 
+def check_anthropic_error(body: dict, where: str) -> None:
+    assert body["type"] == "error" and set(body) <= {"type", "error", "request_id"}, where
+    assert set(body["error"]) == {"type", "message"}, where
+    assert isinstance(body["error"]["type"], str) and body["error"]["type"], where
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], where
+
+
+# How a stream of named events ends: its last event, by API.
+NAMED_ENDS = {"message_stop", "response.completed", "response.incomplete"}
+NAMED_FAILURES = {"error", "response.failed"}
+
+
+def check_named_sse(events: list[str], where: str) -> None:
+    """Anthropic's or the Responses API's stream: ``event: <type>`` and its JSON, each
+    event's type its name; the last one ends the answer, or the stream failed."""
+    parsed = []
+    for event in events:
+        name, _, data = event.partition("\n")
+        assert name.startswith("event: ") and data.startswith("data: "), where
+        body = json.loads(data.removeprefix("data: "))
+        assert body["type"] == name.removeprefix("event: "), where
+        parsed.append(body)
+    kinds = [body["type"] for body in parsed]
+    errors = [k for k in kinds if k in NAMED_FAILURES]
+    if not errors:
+        assert kinds[-1] in NAMED_ENDS, where
+        STREAMS["named SSE, " + kinds[-1]] += 1
+        return
+    assert kinds.count("error") == 1, where
+    error = parsed[kinds.index("error")]
+    if "sequence_number" in error:  # the Responses API: then response.failed ends it
+        assert isinstance(error["message"], str) and kinds[-2:] == ["error", "response.failed"]
+    else:
+        check_anthropic_error(error, where)
+        assert kinds[-1] == "error", where
+    STREAMS["named SSE, error event"] += 1
+
+
 def check_sse(content: bytes, where: str) -> None:
     """An OpenAI stream: JSON chunks, then ``[DONE]`` or one error event, then the end."""
     text = content.decode()
     assert text.endswith("\n\n"), f"stream cut short: {where}"
     events = text[:-2].split("\n\n")
+    if events[0].startswith("event: "):
+        check_named_sse(events, where)
+        return
     assert all(e.startswith("data: ") for e in events), where
     *chunks, last = (e.removeprefix("data: ") for e in events)
     for chunk in chunks:
@@ -291,6 +341,16 @@ BODIES: dict[tuple[str, str], dict] = {
     },
     ("POST", "/v1/completions"): {"model": A, "prompt": "hi", "max_tokens": 4},
     ("POST", "/v1/embeddings"): {"model": A, "input": "hi"},
+    ("POST", "/v1/responses"): {"model": A, "input": "hi", "max_output_tokens": 4},
+    ("POST", "/v1/messages"): {
+        "model": A,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+    },
+    ("POST", "/v1/messages/count_tokens"): {
+        "model": A,
+        "messages": [{"role": "user", "content": "hi"}],
+    },
     ("POST", "/api/chat"): {
         "model": A,
         "messages": [{"role": "user", "content": "hi"}],
@@ -340,7 +400,15 @@ def routes_ids(route: tuple[str, str]) -> str:
     return " ".join(route)
 
 
-STREAMING = ["/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"]
+STREAMING = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/api/chat",
+    "/api/generate",
+]
+NAMED_EVENTS = {"/v1/responses", "/v1/messages"}  # SSE with named events, no [DONE]
 
 
 def test_the_valid_bodies_succeed(url, http):
@@ -369,6 +437,9 @@ def test_a_stream_that_breaks_midway_ends_with_one_error(url, http, path):
     record("hand-written", "broken streams", "", response.status_code)
     assert response.status_code == 200
     text = response.text
+    if path in NAMED_EVENTS:  # check() has checked the events' order and shapes
+        assert text.count("event: error\n") == 1, text
+        return
     last = text.rstrip("\n").rsplit("\n", 1)[-1].removeprefix("data: ")
     assert "error" in json.loads(last), text  # check() has checked its shape
     assert text.count('{"error"') == 1, text
@@ -558,6 +629,99 @@ def test_images_with_every_wrong_type_and_value(url, http, path):
     assert response.status_code == 200, response.text
     response = send(http, url, "POST", path, json.dumps({**body, "model": A}).encode())
     assert response.status_code == 400 and "takes text only" in response.text, response.text
+
+
+def anthropic_bodies(value: object) -> list[dict]:
+    """``value`` in every place of a Messages body: blocks, tools, thinking, images."""
+    base = BODIES["POST", "/v1/messages"]
+    image = {"type": "base64", "media_type": "image/png", "data": PIXEL}
+    use = {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": "x"}}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": "ok"}
+    tool = {"name": "f", "description": "d", "input_schema": TOOL["function"]["parameters"]}
+
+    def turns(*blocks: dict) -> list[dict]:
+        return [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [use]},
+            {"role": "user", "content": list(blocks)},
+        ]
+
+    return [
+        {**base, "system": value},
+        {**base, "system": [{"type": "text", "text": value}]},
+        {**base, "messages": [{"role": "user", "content": value}]},
+        {**base, "messages": [{"role": "user", "content": [value]}]},
+        {**base, "messages": [{"role": "user", "content": [{"type": "image", "source": value}]}]},
+        *(
+            {
+                **base,
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "source": {**image, k: value}}]}
+                ],
+            }
+            for k in ("type", "media_type", "data", "url")
+        ),
+        *({**base, "messages": turns({**result, k: value})} for k in result),
+        {**base, "messages": turns({**result, "content": [value]})},
+        *(
+            {
+                **base,
+                "messages": [turns()[0], {"role": "assistant", "content": [{**use, k: value}]}],
+            }
+            for k in use
+        ),
+        {**base, "tools": value},
+        {**base, "tools": [value]},
+        *({**base, "tools": [{**tool, k: value}]} for k in (*tool, "type")),
+        {**base, "tools": [tool], "tool_choice": value},
+        {**base, "tools": [tool], "tool_choice": {"type": "tool", "name": value}},
+        {**base, "tools": [tool], "tool_choice": {"type": value}},
+        {**base, "thinking": value},
+        {**base, "thinking": {"type": "enabled", "budget_tokens": value}},
+        {**base, "output_config": {"effort": value}},
+        {**base, "stop_sequences": [value]},
+    ]
+
+
+def responses_bodies(value: object) -> list[dict]:
+    """``value`` in every place of a Responses body: items, parts, tools, formats."""
+    base = BODIES["POST", "/v1/responses"]
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"a": "x"}'}
+    output = {"type": "function_call_output", "call_id": "c1", "output": "ok"}
+    tool = {"type": "function", **TOOL["function"]}
+    image = {"type": "input_image", "image_url": f"data:image/png;base64,{PIXEL}"}
+    return [
+        {**base, "input": [value]},
+        {**base, "input": [{"role": "user", "content": value}]},
+        {**base, "input": [{"role": "user", "content": [value]}]},
+        {**base, "input": [{"role": value, "content": "hi"}]},
+        *({**base, "input": [{"role": "user", "content": [{**image, k: value}]}]} for k in image),
+        *({**base, "input": [{**call, k: value}, output]} for k in call),
+        *({**base, "input": [call, {**output, k: value}]} for k in output),
+        {**base, "input": [{"type": "reasoning", "summary": value, "content": value}]},
+        {**base, "tools": [value]},
+        *({**base, "tools": [{**tool, k: value}]} for k in tool),
+        {**base, "tools": [tool], "tool_choice": value},
+        {**base, "tools": [tool], "tool_choice": {"type": "function", "name": value}},
+        {**base, "text": {"format": value}},
+        {**base, "text": {"format": {"type": "json_schema", "name": "x", "schema": value}}},
+        {**base, "reasoning": {"effort": value}},
+        {**base, "previous_response_id": value, "store": value},
+    ]
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/responses"])
+def test_blocks_and_items_with_every_wrong_type(url, http, path):
+    """Anthropic's content blocks and the Responses API's input items: no 5xx, whatever any
+    of their fields holds, for a model that takes images or not, streamed or not."""
+    make = anthropic_bodies if path == "/v1/messages" else responses_bodies
+    deep = json.loads(nested_objects(50))
+    for value in [*WRONG, deep, IMAGE_VALUES[0], IMAGE_VALUES[2]]:
+        for body in make(value):
+            for model, stream in ((A, False), (SEES, True)):
+                data = json.dumps({**body, "model": model, "stream": stream}).encode()
+                response = send(http, url, "POST", path, data)
+                record("hand-written", "blocks and items", "", response.status_code)
 
 
 SAMPLING_OPTIONS = [

@@ -82,3 +82,47 @@ def test_openai_out_of_range_values_are_400_naming_the_field(http, field, value)
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("max_tokens", [10**6, 2**63])
+def test_anthropic_max_tokens_beyond_the_context_stops_at_its_end(http, max_tokens):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": ASK}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    response = http.post("/v1/messages", json=body)
+    assert response.status_code == 200, response.text
+    done = response.json()
+    assert done["stop_reason"] in ("max_tokens", "end_turn")
+    assert done["usage"]["input_tokens"] + done["usage"]["output_tokens"] <= N_CTX
+
+
+@pytest.mark.parametrize("max_output_tokens", [10**6, 2**63])
+def test_responses_max_output_tokens_beyond_the_context_stops_at_its_end(http, max_output_tokens):
+    body = {"model": MODEL, "input": ASK, "max_output_tokens": max_output_tokens}
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["total_tokens"] <= N_CTX
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/v1/messages", {"max_tokens": 0}, "max_tokens"),
+        ("/v1/messages", {"max_tokens": 8, "temperature": 1e308}, "temperature"),
+        ("/v1/messages", {"max_tokens": 8, "top_k": 10**30}, None),
+        ("/v1/responses", {"max_output_tokens": 0}, "max_output_tokens"),
+        ("/v1/responses", {"temperature": 1e308}, "temperature"),
+    ],
+)
+def test_new_apis_refuse_out_of_range_values(http, path, body, field):
+    turn = {"messages": [{"role": "user", "content": "Hi"}]} if path == "/v1/messages" else {}
+    base = {"model": MODEL, **turn} if turn else {"model": MODEL, "input": "Hi"}
+    response = http.post(path, json={**base, **body})
+    if field is None:  # a count beyond any vocabulary: every candidate
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 400, response.text
+    assert field in response.text

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -185,6 +186,98 @@ def ollama_round_trip(
         text, calls = r.message.content, r.message.tool_calls or []
     assert text or calls  # the model answers, or calls again: both are well formed
     assert all(isinstance(c.function.arguments, dict) for c in calls)
+
+
+# -- Anthropic ------------------------------------------------------------------------------
+
+# The tools in Anthropic's shape: name, description, input_schema.
+ANTHROPIC_TOOLS = [
+    {
+        "name": t["function"]["name"],
+        "description": t["function"]["description"],
+        "input_schema": t["function"]["parameters"],
+    }
+    for t in TOOLS
+]
+
+
+GREEDY_BODY = {"temperature": 0}
+
+
+def anthropic_message(client: anthropic.Anthropic, *, stream: bool, **kwargs: Any):
+    """A message, whole or put together from its stream by the SDK's own accumulator."""
+    if not stream:
+        return client.messages.create(**kwargs)
+    with client.messages.stream(**kwargs) as events:
+        return events.get_final_message()
+
+
+def anthropic_round_trip(client: anthropic.Anthropic, model: str, *, stream: bool) -> None:
+    """Tools -> a forced tool_use -> its tool_result -> a final answer, as Anthropic's docs
+    show the loop."""
+    # Newer SDKs send sampling settings only as extra body fields.
+    ask = {"model": model, "max_tokens": 48, "tools": ANTHROPIC_TOOLS, "extra_body": GREEDY_BODY}
+    first = anthropic_message(
+        client, stream=stream, messages=QUESTION, tool_choice={"type": "any"}, **ask
+    )
+    assert first.stop_reason == "tool_use" and first.role == "assistant"
+    [call] = [block for block in first.content if block.type == "tool_use"]
+    assert call.name in ("get_weather", "get_time") and call.id
+    assert isinstance(call.input, dict)
+    result = run_weather(call.input) if call.name == "get_weather" else '{"time": "12:00"}'
+    history = [
+        *QUESTION,
+        {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": result}],
+        },
+    ]
+    final = anthropic_message(
+        client, stream=stream, messages=history, tool_choice={"type": "none"}, **ask
+    )
+    assert final.stop_reason in ("end_turn", "max_tokens")
+    assert final.content[0].type == "text" and final.content[0].text
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
+
+
+# -- OpenAI Responses -----------------------------------------------------------------------
+
+RESPONSE_TOOLS = [{"type": "function", **t["function"]} for t in TOOLS]
+
+
+def responses_create(client: openai.OpenAI, *, stream: bool, **kwargs: Any):
+    """A response, whole or the ``response.completed`` one of its stream (whose events the
+    SDK's own accumulator checks, in order)."""
+    if not stream:
+        return client.responses.create(**kwargs)
+    with client.responses.stream(**kwargs) as stream:
+        events = list(stream)
+        kinds = [event.type for event in events]
+        assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+        if kinds[-1] == "response.incomplete":  # cut by max_output_tokens: no "completed"
+            return events[-1].response
+        assert kinds[-1] == "response.completed", kinds
+        return stream.get_final_response()
+
+
+def responses_round_trip(client: openai.OpenAI, model: str, *, stream: bool) -> None:
+    """Function tools -> a forced function_call -> its function_call_output -> an answer."""
+    ask = {"model": model, "max_output_tokens": 48, "temperature": 0, "tools": RESPONSE_TOOLS}
+    first = responses_create(client, stream=stream, input=QUESTION, tool_choice="required", **ask)
+    assert first.status == "completed"
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name in ("get_weather", "get_time") and call.call_id
+    args = json.loads(call.arguments)
+    result = run_weather(args) if call.name == "get_weather" else '{"time": "12:00"}'
+    history = [
+        *QUESTION,
+        *[item.model_dump(exclude_none=True) for item in first.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": result},
+    ]
+    final = responses_create(client, stream=stream, input=history, tool_choice="none", **ask)
+    assert final.status in ("completed", "incomplete") and final.output_text
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens > 0
 
 
 # -- Open WebUI --------------------------------------------------------------------------------

@@ -47,6 +47,21 @@ REQUESTS: dict[tuple[str, str], tuple[str, str, dict | None]] = {
         {"model": A, "prompt": "hi", "max_tokens": 4},
     ),
     ("post", "/v1/embeddings"): ("POST", "/v1/embeddings", {"model": A, "input": "hi"}),
+    ("post", "/v1/responses"): (
+        "POST",
+        "/v1/responses",
+        {"model": A, "input": "hi", "max_output_tokens": 4},
+    ),
+    ("post", "/v1/messages"): (
+        "POST",
+        "/v1/messages",
+        {"model": A, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    ),
+    ("post", "/v1/messages/count_tokens"): (
+        "POST",
+        "/v1/messages/count_tokens",
+        {"model": A, "messages": [{"role": "user", "content": "hi"}]},
+    ),
     ("get", "/v1/models"): ("GET", "/v1/models", None),
     ("get", "/v1/models/{model_id}"): ("GET", f"/v1/models/{A}", None),
     ("post", "/api/chat"): (
@@ -150,7 +165,12 @@ def assert_error_shape(response: httpx.Response, path: str, status: int, words: 
     if response.request.method == "HEAD":
         return  # no body
     body = response.json()
-    if not path.startswith("/api/"):  # OpenAI's shape, the default outside Ollama's /api
+    if path.startswith("/v1/messages"):  # Anthropic's shape
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        message = body["error"]["message"]
+        kind = "authentication_error" if status == 401 else "permission_error"
+        assert body["error"]["type"] == kind and body["request_id"], body
+    elif not path.startswith("/api/"):  # OpenAI's shape, the default outside Ollama's /api
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
         message = body["error"]["message"]
         assert body["error"]["code"] == (
@@ -236,6 +256,18 @@ def test_a_good_key_is_served(http, keys, route):
         assert response.status_code == 200, (path, response.text)
     if path == "/v1/models":
         assert {m["id"] for m in response.json()["data"]} >= {A, B}
+
+
+def test_the_key_is_taken_from_x_api_key_as_anthropics_clients_send_it(http, keys):
+    request = REQUESTS[("post", "/v1/messages")]
+    response = send(http, request, **{"x-api-key": keys["good"]})
+    assert response.status_code == 200, response.text
+    response = send(http, request, **{"x-api-key": keys["revoked"]})
+    assert_error_shape(response, "/v1/messages", 401, "revoked")
+    limited = send(
+        http, REQUESTS[("post", "/v1/chat/completions")], **{"x-api-key": keys["b_only"]}
+    )
+    assert_error_shape(limited, "/v1/chat/completions", 403, f"may not use the model '{A}'")
 
 
 def test_a_key_is_read_from_the_file_on_the_next_request(backend, tmp_path):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import datetime
 
+import anthropic
 import httpx
 import ollama
 import openai
@@ -29,12 +30,14 @@ from tests.support.serve import serve_app
 from tests.support.tool_rounds import (
     QUESTION,
     TOOLS,
+    anthropic_round_trip,
     ollama_forced_call,
     ollama_round_trip,
     open_webui_bodies,
     openai_round_trip,
     openai_streamed,
     replay,
+    responses_round_trip,
 )
 
 
@@ -80,6 +83,19 @@ def test_openai_tool_round_trip(oai, model, stream):
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 def test_ollama_tool_round_trip(client, http, model, stream):
     ollama_round_trip(client, http, model, stream=stream)
+
+
+@pytest.mark.parametrize("model", [STARTER_MODEL, TOOLS_MODEL])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_anthropic_tool_round_trip(url, model, stream):
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    anthropic_round_trip(client, model, stream=stream)
+
+
+@pytest.mark.parametrize("model", [STARTER_MODEL, TOOLS_MODEL])
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_responses_tool_round_trip(oai, model, stream):
+    responses_round_trip(oai, model, stream=stream)
 
 
 def test_a_named_function_is_the_one_called(oai):
