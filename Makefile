@@ -43,7 +43,11 @@ endif
 LLAMA_NO_AMX := $(or $(filter off,$(LLAMA_AMX)),$(and $(filter auto clang,$(LLAMA_AMX)),$(LLAMA_OLD_GCC)))
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_AMX_ARGS := $(if $(LLAMA_NO_AMX),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)')
-LLAMA_CMAKE_ARGS ?= $(strip $(CMAKE_ARGS) $(LLAMA_AMX_ARGS))
+# llamafile's tinyBLAS multiplies a batch of two or more rows in another order than one row
+# alone: a request's greedy answer would change with how many others decode beside it.
+# Without it, answers do not depend on load (ggml's own kernels take the batch).
+LLAMA_BASE_ARGS := -DGGML_LLAMAFILE=OFF
+LLAMA_CMAKE_ARGS ?= $(strip $(LLAMA_BASE_ARGS) $(CMAKE_ARGS) $(LLAMA_AMX_ARGS))
 # pip caches a wheel it built keyed by the sdist alone, not by CMAKE_ARGS: a changed flag
 # would silently reuse the old build. So the wheel is built without pip's cache into a
 # folder named after the version and the flags (ansible/ names it the same way), and the

@@ -8,9 +8,9 @@ with its reason, plus the timers to hand back next time:
   last request's ``keep_alive``, else the model's) is removed, down to the
   model's ``replicas.min``; ``0`` unloads right after a request, an infinite
   keep-alive never;
-* **scale up**: in-flight requests per replica above ``autoscaling.target`` for
-  ``upscale_delay`` adds one replica (the planner picks where), up to
-  ``replicas.max``;
+* **scale up**: in-flight requests per slot (a replica runs ``parallel``
+  requests at once) above ``autoscaling.target`` for ``upscale_delay`` adds one
+  replica (the planner picks where), up to ``replicas.max``;
 * **scale down**: fewer requests than the remaining replicas could take at the
   target, for ``downscale_delay``, removes one replica, preferring the idlest
   placement, never below ``max(replicas.min, 1)`` (the last replica goes by
@@ -41,6 +41,7 @@ class PlacementLoad:
     in_flight: int  # requests running or queued on its replicas
     idle_since: float | None  # when its last request ended (or it loaded); None while busy
     keep_alive: float = FOREVER  # seconds it may stay idle; FOREVER: no expiry
+    slots: int = 1  # requests each of its replicas runs at once
 
     @property
     def key(self) -> tuple[str, str]:
@@ -75,6 +76,11 @@ class ModelState:
     @property
     def in_flight(self) -> int:
         return sum(p.in_flight for p in self.placements)
+
+    @property
+    def slots(self) -> int:
+        """Requests one replica runs at once (the same on every placement of a model)."""
+        return max((p.slots for p in self.placements), default=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +117,7 @@ def _decide_one(state: ModelState, now: float) -> tuple[Decision | None, Timers]
     if expired is not None:
         return expired, Timers()
     scaling = spec.autoscaling
-    target = scaling.target
+    target = scaling.target * state.slots  # per replica
     per_replica = in_flight / total
     above = None
     if per_replica > target and total < spec.replicas.max:

@@ -83,7 +83,7 @@ def fetch_placements(url: str) -> list[dict[str, Any]]:
 
 def ps_table(rows: list[dict[str, Any]], now: float) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("MODEL", "NODE", "REPLICAS", "IN FLIGHT", "IDLE FOR", "UNTIL", "PINNED"):
+    for column in ("MODEL", "NODE", "REPLICAS", "SLOTS USED", "IDLE FOR", "UNTIL", "PINNED"):
         table.add_column(column)
     table.add_column("MEMORY", justify="right")
     for row in rows:
@@ -97,7 +97,7 @@ def ps_table(rows: list[dict[str, Any]], now: float) -> Table:
             row["model"],
             row["node"],
             replicas,
-            str(row["in_flight"]),
+            _slots(row),
             "-" if row["idle_for"] is None else format_duration(row["idle_for"]),
             _until(row, now),
             "yes" if row["pinned"] else "no",
@@ -128,3 +128,13 @@ def _until(row: dict[str, Any], now: float) -> str:
         return "forever"
     left = row["expires_at"] - now
     return "now" if left <= 0 else f"in {format_duration(left)}"
+
+
+def _slots(row: dict[str, Any]) -> str:
+    """Requests running of the slots there are, and those waiting: "4/4 +2 queued"."""
+    slots = row.get("slots") or 0
+    if not slots:
+        return str(row["in_flight"])
+    running = min(row["in_flight"], slots)
+    waiting = row["in_flight"] - running
+    return f"{running}/{slots}" + (f" +{waiting} queued" if waiting else "")

@@ -106,6 +106,7 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
             version=corral_version(),
             log_level=settings.log_level,
             routing=settings.routing,
+            prefix_routing=settings.prefix_routing,
             load_timeout=settings.load_timeout,
             models=str(settings.models_path),
             keys=str(keys_path(settings.state_path)),

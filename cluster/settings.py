@@ -103,6 +103,12 @@ class CorralSettings(BaseSettings):
         description="How the API picks among a model's placements: least_loaded (fewest "
         "requests per replica); round_robin and random are there to compare against.",
     )
+    prefix_routing: bool = Field(
+        default=True,
+        description="Send a conversation's next turn to the placement that served it last, "
+        "whose cache holds its earlier turns, unless that one is busier than the least-loaded "
+        "by more than 2 requests per replica.",
+    )
     policy_interval: float = Field(
         default=0.5,
         gt=0,

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -23,7 +24,15 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.context import current_request
 from deployments.replica import REPLICA_DEPLOYMENT, Refused, StreamEvent
-from deployments.routing import Route, Router, Strategy, merge_load, retry_after
+from deployments.routing import (
+    Route,
+    Router,
+    Strategy,
+    conversation_key,
+    merge_load,
+    retry_after,
+    with_affinity,
+)
 from nodes.crashes import ProcessDeath, death_from_error
 from nodes.engine import Embeddings, GenerateRequest
 from nodes.errors import InvalidRequest, ModelCrashed, Overloaded, ServiceUnavailable
@@ -51,6 +60,7 @@ MOVES = 3  # placements a request that was never admitted may try after the firs
 # Replicas whose process may die on one request before it fails: a model that crashes on
 # every request must not take each request through every restart Serve makes.
 DEATHS_PER_REQUEST = 2
+AFFINITY_ENTRIES = 4096  # conversations whose last placement an ingress remembers
 
 
 class ModelBackend(Protocol):
@@ -151,6 +161,7 @@ class ServeBackend:
         namespace: str = NAMESPACE,
         *,
         routing: Strategy = "least_loaded",
+        prefix_routing: bool = True,
         load_timeout: float = 600.0,
         store: Store | None = None,
     ) -> None:
@@ -170,6 +181,9 @@ class ServeBackend:
         self._placed: dict[str, tuple[str, str]] = {}
         self._seconds_per_request: dict[str, float] = {}  # model -> moving average
         self._failed: dict[str, float] = {}  # app -> until when it gets no new requests
+        # conversation -> the app that served it last (its replica holds the prefix)
+        self._prefix_routing = prefix_routing
+        self._affinity: OrderedDict[str, str] = OrderedDict()
 
     def _controller(self) -> ActorHandle:
         if self._controller_handle is None:
@@ -215,18 +229,26 @@ class ServeBackend:
         return routes
 
     async def _pick(
-        self, model: str, avoid: frozenset[str] = frozenset()
+        self, model: str, avoid: frozenset[str] = frozenset(), conversation: str | None = None
     ) -> tuple[str, DeploymentHandle]:
         """The placement of ``model`` to send a request to; ``Overloaded`` if all are full.
 
         Placements in ``avoid``, and those that failed a request lately, are taken only
-        when no other placement of the model is left."""
+        when no other placement of the model is left. A ``conversation`` goes back where
+        it went last, within the affinity bound (``routing.with_affinity``)."""
         routes = await self._current_routes(model)
         now = time.monotonic()
         healthy = [r for r in routes if r.app not in avoid and self._failed.get(r.app, 0) < now]
         routes = healthy or routes
         candidates = [merge_load(r, self._in_flight.get(r.app, 0), self.origin) for r in routes]
         chosen = self._router.choose(candidates)
+        if conversation is not None and self._prefix_routing:
+            chosen = with_affinity(candidates, chosen, self._affinity.get(conversation))
+            if chosen is not None:
+                self._affinity[conversation] = chosen.app
+                self._affinity.move_to_end(conversation)
+                if len(self._affinity) > AFFINITY_ENTRIES:
+                    self._affinity.popitem(last=False)
         if chosen is None:
             wait = retry_after(candidates, self._seconds_per_request.get(model, 1.0))
             raise Overloaded(
@@ -298,11 +320,12 @@ class ServeBackend:
         placement, unseen by the caller; once text has come, it fails with the replica. A
         request whose replica dies twice fails with ``ModelCrashed``."""
         avoid: set[str] = set()
+        conversation = _conversation(model, request)
         admitted = False  # the caller has had its [Admitted]
         deaths = 0  # replica processes that died on this request
         while True:
             _give_up_after_moves(model, avoid)
-            app, handle = await self._pick(model, frozenset(avoid))
+            app, handle = await self._pick(model, frozenset(avoid), conversation)
             with self._counted(model, app):
                 stream = handle.options(stream=True).generate.remote(request, self.origin)
                 done = output = False
@@ -440,3 +463,17 @@ def _handle(app: str) -> DeploymentHandle:
     return serve.get_deployment_handle(
         REPLICA_DEPLOYMENT, app, _check_exists=False, _record_telemetry=False
     )
+
+
+def _conversation(model: str, request: GenerateRequest) -> str:
+    """The affinity key of ``request``: its model and how its conversation starts."""
+    if request.messages is not None:  # up to the first user turn: what every turn repeats
+        turns = []
+        for m in request.messages:
+            turns.append(f"{m.role}\x00{m.content}")
+            if m.role == "user":
+                break
+        turns = ["\x00".join(turns)]
+    else:
+        turns = [request.prompt or ""]
+    return conversation_key(normalize_name(model), turns)

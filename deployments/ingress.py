@@ -46,6 +46,7 @@ class IngressConfig:
     controller: str = CONTROLLER_ACTOR
     namespace: str = NAMESPACE
     routing: Strategy = "least_loaded"
+    prefix_routing: bool = True  # a conversation goes back where its cache is
     load_timeout: float = 600.0  # seconds a request waits for its model to load
     models: str = ""  # the model store's root on this box (the head): blobs up and down
     keys: str = ""  # the API key file (deployments/auth.py); "" : no keys
@@ -82,6 +83,7 @@ class Ingress:
             config.controller,
             config.namespace,
             routing=config.routing,
+            prefix_routing=config.prefix_routing,
             load_timeout=config.load_timeout,
             store=Store(config.models) if config.models else None,
         )

@@ -1,14 +1,14 @@
 """One Serve deployment per placement: an engine behind an ordered queue.
 
-llama.cpp's context holds a single sequence, so a replica runs one generation
-at a time. Work goes to a one-thread executor: its queue is the replica's
-queue (first come, first served), and no request can cancel or corrupt
-another. Every llama.cpp call of a replica, the load included, runs on that one
-thread: llama.cpp's OpenMP keeps a team of worker threads per calling thread,
-and a second team's idle spinning steals cores from the busy one (measured:
-up to a third fewer tokens/s on a 2-core box). A caller that goes away sets its
-cancel flag; the engine stops at the next token, or skips the work entirely if
-it was still waiting.
+A replica runs up to ``parallel`` generations at once (the engine's slots: the
+llama.cpp engine decodes them together in one batch per step, see
+``nodes/batching.py``); more wait in order, first come, first served, and no
+request can cancel or corrupt another. Each running generation has a thread
+here that reads its tokens and turns them into events; the engine's own loop is
+the one thread that computes (llama.cpp's OpenMP keeps a team of worker threads
+per calling thread, and a second team's idle spinning steals cores from the busy
+one). A caller that goes away sets its cancel flag; the engine frees its slot at
+the next step, or skips the work entirely if it was still waiting.
 
 Tokens reach the caller in batches: the first at once, then whatever the
 engine produced in the last ``stream_interval`` seconds. Every message costs CPU
@@ -83,6 +83,7 @@ class ReplicaLoad:
     pending: dict[str, int]  # requests running or waiting, by origin (the ingress that sent them)
     idle_for: float | None  # seconds since its last request ended (or it loaded); None if busy
     keep_alive: float | None  # what its last request asked for (None: the model's keep_alive)
+    slots: int = 1  # requests it runs at once
 
     @property
     def in_flight(self) -> int:
@@ -90,8 +91,8 @@ class ReplicaLoad:
 
     @property
     def queued(self) -> int:
-        """Requests waiting behind the one running: a replica runs one at a time."""
-        return max(0, self.in_flight - 1)
+        """Requests waiting for a free slot."""
+        return max(0, self.in_flight - self.slots)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +170,8 @@ class ModelReplica:
         stream_interval: float = 0.0,
     ) -> None:
         self._engine = engine
-        self._executor = executor or engine_executor()
+        self._slots = max(1, engine.info.parallel)
+        self._executor = executor or engine_executor(self._slots)
         self._stream_interval = stream_interval
         self._pending = 0  # generations submitted and not finished
         self._by_origin: dict[str, int] = {}  # requests held (generations and embeddings)
@@ -186,7 +188,7 @@ class ModelReplica:
         """How busy this replica is now (see ``ReplicaLoad``)."""
         busy = any(self._by_origin.values())
         idle_for = None if busy else time.monotonic() - self._idle_since
-        return ReplicaLoad(dict(self._by_origin), idle_for, self._keep_alive)
+        return ReplicaLoad(dict(self._by_origin), idle_for, self._keep_alive, self._slots)
 
     def _begin(self, origin: str, keep_alive: float | None) -> None:
         self._by_origin[origin] = self._by_origin.get(origin, 0) + 1
@@ -281,7 +283,9 @@ class ModelReplica:
         loop = asyncio.get_running_loop()
         self._begin(origin, keep_alive)
         try:
-            return await loop.run_in_executor(self._executor, self._engine.embed, list(texts))
+            # Not in the generations' executor, where it would wait for a free slot: the
+            # engine runs it between two steps of the generations.
+            return await loop.run_in_executor(None, self._engine.embed, list(texts))
         except CorralError as exc:
             return Refused(exc)
         finally:
@@ -305,13 +309,19 @@ class ModelReplica:
             self._engine.close()
 
 
-def engine_executor() -> ThreadPoolExecutor:
-    """The one thread that makes every llama.cpp call of a replica."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+def engine_executor(slots: int = 1) -> ThreadPoolExecutor:
+    """A thread per slot of a replica, each running one generation; the rest queue."""
+    return ThreadPoolExecutor(max_workers=slots, thread_name_prefix="slot")
 
 
 class ServedReplica(ModelReplica):
     """The Serve deployment: loads the engine ``spec`` names, then serves it."""
+
+    async def check_health(self) -> None:
+        """Serve's health check: an engine whose loop died is restarted with the replica."""
+        check = getattr(self._engine, "check", None)
+        if check is not None:
+            check()
 
     async def info(self) -> ReplicaInfo:
         """Where this replica runs and what it loaded."""
@@ -327,11 +337,10 @@ class ServedReplica(ModelReplica):
         if crashed and options.report_to:
             _report_deaths(crashed, *options.report_to)
         spec = await locate(spec)  # on another node than the head: its own copy, or fetch one
-        executor = engine_executor()
         # Loading can take minutes for a big model; keep the replica's event loop
         # (health checks, Serve's control calls) responsive meanwhile.
-        engine = await asyncio.get_running_loop().run_in_executor(executor, load_engine, spec)
-        super().__init__(engine, executor, stream_interval=options.stream_interval)
+        engine = await asyncio.get_running_loop().run_in_executor(None, load_engine, spec)
+        super().__init__(engine, stream_interval=options.stream_interval)
         context = ray.get_runtime_context()
         self._info = ReplicaInfo(
             node_id=context.get_node_id(),

@@ -9,10 +9,18 @@ and so gets fewer new ones. A placement at its queue limit gets none: when all
 are full the caller answers 429 instead of queueing without bound.
 
 ``round_robin`` and ``random`` exist to compare against (``bench/routing.py``).
+
+A conversation's next turn is cheapest where its earlier turns are cached (a
+replica's slots keep what they read). ``with_affinity`` sends a request to the
+placement that served its conversation last, unless that one is busier than
+the least-loaded choice by more than ``AFFINITY_SLACK`` requests per replica: a
+bounded-load rule (like consistent hashing with bounded loads), so a popular
+conversation cannot pile onto one box while others idle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random as _random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,15 +63,49 @@ def merge_load(route: Route, local: int, origin: str) -> Candidate:
     return Candidate(route.app, route.replicas, local + others, route.capacity)
 
 
+def conversation_key(model: str, turns: Sequence[str]) -> str:
+    """What names a request's conversation for affinity: its model and how it starts
+    (the caller passes what every later turn repeats: the system prompt and the first
+    user message)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for part in (model, *turns):
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+AFFINITY_SLACK = 2  # requests per replica a cached prefix is worth waiting behind
+
+
+def per_replica(c: Candidate) -> Fraction:
+    return Fraction(c.load, max(1, c.replicas))
+
+
+def with_affinity(
+    candidates: Sequence[Candidate],
+    chosen: Candidate | None,
+    holder: str | None,
+    slack: int = AFFINITY_SLACK,
+) -> Candidate | None:
+    """``holder`` (the app that holds the request's prefix) instead of ``chosen`` when it
+    is open and at most ``slack`` requests per replica busier; else ``chosen``."""
+    if chosen is None or holder is None or holder == chosen.app:
+        return chosen
+    held = next((c for c in candidates if c.app == holder and not c.full), None)
+    if held is not None and per_replica(held) <= per_replica(chosen) + slack:
+        return held
+    return chosen
+
+
 def least_loaded(candidates: Sequence[Candidate], rng: _random.Random) -> Candidate | None:
     """The open candidate with the fewest requests per replica (ties at random), or
     None when every one is full."""
     open_ = [c for c in candidates if not c.full]
     if not open_:
         return None
-    per_replica = {c.app: Fraction(c.load, max(1, c.replicas)) for c in open_}
-    best = min(per_replica.values())
-    return rng.choice([c for c in open_ if per_replica[c.app] == best])
+    loads = {c.app: per_replica(c) for c in open_}
+    best = min(loads.values())
+    return rng.choice([c for c in open_ if loads[c.app] == best])
 
 
 class Router:

@@ -252,6 +252,60 @@ class EngineInfo:
     n_ctx_train: int  # the context the model was trained with
     n_embd: int
     load_seconds: float
+    parallel: int = 1  # requests it decodes together (slots)
+
+
+KvCacheType = Literal["f16", "q8_0", "q4_0"]
+FlashAttn = Literal["auto", "on", "off"]
+# Slots of a llama.cpp replica when models.yaml does not say: llama-server's own default,
+# and on a 2-core box the most that still raises total tokens/s (bench/overhead.py).
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 64
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaSettings:
+    """llama.cpp's knobs for one model (models.yaml validates them)."""
+
+    flash_attn: FlashAttn = "auto"  # auto: llama.cpp turns it on where the backend has it
+    kv_cache_type: KvCacheType = "f16"  # quantized types need flash attention
+    batch: int = 2048  # tokens one llama_decode call takes at most (n_batch)
+    ubatch: int = 512  # tokens per compute pass (n_ubatch): sizes the compute buffers
+    mlock: bool = False  # lock the weights in RAM (never swapped out)
+    mmap: bool = True  # map the file instead of reading it into memory
+    # One KV cache shared by every slot (a long request may use what short ones leave),
+    # or each slot its own n_ctx / parallel cells. Shared, a sequence's cells lie between
+    # other sequences', and llama.cpp's CPU sums then run in another order: a greedy
+    # answer may change with the load. Split, answers do not depend on what else runs.
+    unified_kv: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ContextShape:
+    """The llama.cpp context a replica opens: the engine opens it so, the estimate counts it.
+
+    One KV cache of ``n_ctx`` cells is shared by every slot (llama.cpp's ``kv_unified``):
+    one request may use all of it, several share it (or, with ``unified_kv`` off, each
+    slot has its share; the memory is the same). Sequence ``n_seq_max - 1`` is kept
+    for embeddings, which run in the same context.
+    """
+
+    n_ctx: int
+    n_seq_max: int  # the slots, plus one sequence for embeddings
+    n_batch: int
+    n_ubatch: int
+
+
+def context_shape(n_ctx: int, parallel: int, llama: LlamaSettings, *, pooled: bool) -> ContextShape:
+    """The context for ``parallel`` slots over ``n_ctx`` cells. A ``pooled`` model (one
+    whose GGUF names a pooling type: an embedding model) embeds a whole input in one
+    pass, so its batches are as large as its context."""
+    if pooled:
+        n_batch = n_ubatch = n_ctx
+    else:
+        n_batch = max(1, min(llama.batch, n_ctx))
+        n_ubatch = max(1, min(llama.ubatch, n_batch))
+    return ContextShape(n_ctx=n_ctx, n_seq_max=parallel + 1, n_batch=n_batch, n_ubatch=n_ubatch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +318,10 @@ class EngineSpec:
     n_threads: int | None = None  # None: the box's physical cores
     n_gpu_layers: int = 0
     engine: Literal["llama.cpp", "fake"] = "llama.cpp"
-    options: dict[str, Any] = field(default_factory=dict)  # engine-specific extras
+    options: dict[str, Any] = field(default_factory=dict)  # the fake engine's settings
+    # Requests the replica decodes together (llama.cpp slots); more wait in its queue.
+    parallel: int = 1
+    llama: LlamaSettings = field(default_factory=LlamaSettings)
     # Where a node without ``path`` gets the file (``nodes/locate.py``): the blob's
     # digest ("sha256:<hex>") and the head's API ("http://10.0.0.2:11434"); "" for none.
     digest: str = ""

@@ -2,7 +2,9 @@
 
 It speaks the same protocol as ``LlamaCppEngine`` and honours the same
 settings that matter to the layers above it (max_tokens, stop sequences,
-context length, cancellation), but its "model" is a word list: the same
+context length, cancellation, ``parallel`` slots: that many generations run at
+once, each at the set pace, as a batching engine's share one step time), but
+its "model" is a word list: the same
 prompt and seed always give the same words, at a set delay per token. Tools
 and thinking are accepted and ignored: the words are always the answer. Images
 are taken when the spec names a projector (each adds a word per 1,000 bytes to
@@ -113,6 +115,7 @@ class FakeEngine:
             n_ctx_train=spec.n_ctx,
             n_embd=EMBED_DIM,
             load_seconds=load_delay,
+            parallel=max(1, spec.parallel),
         )
 
     def encode(self, request: GenerateRequest) -> list[int]:

@@ -1,21 +1,24 @@
-"""The real engine: GGUF models through llama-cpp-python.
+"""The real engine: GGUF models through llama.cpp's C API (llama-cpp-python's bindings).
 
-We drive ``Llama.generate`` (llama-cpp-python's token loop: prefix-cache reuse,
-the sampler chain) rather than ``create_completion``, because we need what the
-latter hides: exact token counts in streams, the time to the first token, a
-cancel check between tokens, and one event type shared with the fake engine.
-A model with a projector takes images: ``nodes/multimodal.py`` evaluates them
-into the context before ``Llama.generate`` goes on from the last token.
+One model, one context of ``parallel`` slots over a shared KV cache, and one
+thread that decodes every running request together (``nodes/batching.py``,
+scheduled by ``nodes/slots.py``). This module is the engine's face: it loads the
+model and opens the context in the shape ``nodes.engine.context_shape`` gives
+(which the memory estimate counts), renders chats with the model's own
+template, tokenizes, and turns each request's token ids into text, thinking and
+tool calls on the request's own thread. A model with a projector takes images:
+``nodes/multimodal.py`` cuts the prompt at them, and the loop evaluates each
+image into its slot's sequence when the prompt reaches it.
 """
 
 from __future__ import annotations
 
 import codecs
+import ctypes
 import functools
 import json
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,10 +26,13 @@ from collections.abc import Iterator, Sequence
 import llama_cpp
 import psutil
 from jinja2 import TemplateError
+from llama_cpp._internals import LlamaContext, LlamaModel
+from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from nodes import cpu_kernels
+from nodes.batching import Batcher, EmbedJob, End, EngineFailure, ImageSpan, Job
 from nodes.chat_output.known_templates import effective_template
 from nodes.chat_output.plan import (
     OutputPlan,
@@ -39,6 +45,7 @@ from nodes.chat_output.plan import (
 from nodes.chat_output.reader import OutputReader
 from nodes.chat_output.template import THINK_TAGS, TemplateCaps, probe
 from nodes.engine import (
+    ContextShape,
     Embeddings,
     EngineInfo,
     EngineSpec,
@@ -52,6 +59,7 @@ from nodes.engine import (
     Timings,
     Usage,
     check_prompt_fits,
+    context_shape,
     max_new_tokens,
 )
 from nodes.errors import ContextLengthExceeded, InvalidRequest, ModelLoadFailed
@@ -88,90 +96,133 @@ def grammar_for(params: SamplingParams) -> str | None:
 MARKUP = ("<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]", "<|python_tag|>")
 
 
+KV_TYPES = {
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
 class LlamaCppEngine:
-    """One GGUF model loaded in llama.cpp, used one call at a time.
+    """One GGUF model loaded in llama.cpp, serving ``spec.parallel`` requests at once.
 
     ``kernels`` says which CPU kernels llama.cpp uses for it on this box (see
     ``nodes/cpu_kernels.py``)."""
 
     def __init__(self, spec: EngineSpec) -> None:
         check_gguf(spec.path)
+        set_verbose(False)
         self._spec = spec
         self._threads = spec.n_threads or default_threads()
         started = time.perf_counter()
         # Probed once per box (a child process), then a cache lookup: see cpu_kernels.
         self.kernels = cpu_kernels.current()
         log.info("%s: CPU kernels %s (%s)", spec.model, self.kernels.label, self.kernels.reason)
-        self._llm = self._load(embedding=False, n_ctx=spec.n_ctx)
-        self._embedder: llama_cpp.Llama | None = None
+        self._model = self._load_model()
         self._projector: Projector | None = None
-        if spec.projector:
-            try:
+        self._batcher: Batcher | None = None
+        self._ctx: LlamaContext | None = None
+        try:
+            metadata = self._model.metadata()
+            arch = metadata.get("general.architecture", "")
+            n_ctx_train = int(metadata.get(f"{arch}.context_length", spec.n_ctx))
+            if spec.n_ctx > n_ctx_train:
+                log.warning(
+                    "%s: context %d exceeds the trained %d", spec.model, spec.n_ctx, n_ctx_train
+                )
+            pooled = f"{arch}.pooling_type" in metadata
+            pooling = int(metadata.get(f"{arch}.pooling_type", llama_cpp.LLAMA_POOLING_TYPE_MEAN))
+            if pooling == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+                pooling = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            self.shape = context_shape(spec.n_ctx, spec.parallel, spec.llama, pooled=pooled)
+            self._ctx = self._open_context(self.shape, pooling)
+            if spec.projector:
                 check_gguf(spec.projector)
                 self._projector = Projector(
                     spec.projector,
-                    self._llm,
+                    self._model.model,
                     n_threads=self._threads,
                     use_gpu=spec.n_gpu_layers != 0,
                 )
-            except ModelLoadFailed:
-                self._llm.close()
-                raise
-        metadata = self._llm.metadata
-        arch = metadata.get("general.architecture", "")
-        n_ctx_train = int(metadata.get(f"{arch}.context_length", self._llm.n_ctx()))
-        if spec.n_ctx > n_ctx_train:
-            log.warning(
-                "%s: context %d exceeds the trained %d", spec.model, spec.n_ctx, n_ctx_train
+            # what one request may use: all cells of a unified cache, else its share
+            n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx.ctx)
+            self._formatter = self._chat_formatter(metadata)
+            self._batcher = Batcher(
+                self._model.model,
+                self._ctx.ctx,
+                n_ctx=llama_cpp.llama_n_ctx(self._ctx.ctx),
+                n_batch=self.shape.n_batch,
+                parallel=spec.parallel,
+                n_swa=llama_cpp.llama_model_n_swa(self._model.model),
+                name=f"engine-{spec.model}",
             )
-        self._pooling = int(metadata.get(f"{arch}.pooling_type", llama_cpp.LLAMA_POOLING_TYPE_MEAN))
-        if self._pooling == llama_cpp.LLAMA_POOLING_TYPE_NONE:
-            self._pooling = llama_cpp.LLAMA_POOLING_TYPE_MEAN
-        self._formatter = self._chat_formatter()
+        except BaseException:
+            self.close()
+            raise
         self.info = EngineInfo(
             model=spec.model,
-            n_ctx=self._llm.n_ctx(),
+            n_ctx=n_ctx,
             n_ctx_train=n_ctx_train,
-            n_embd=self._llm.n_embd(),
+            n_embd=llama_cpp.llama_model_n_embd(self._model.model),
             load_seconds=time.perf_counter() - started,
+            parallel=spec.parallel,
         )
 
-    def _load(self, *, embedding: bool, n_ctx: int) -> llama_cpp.Llama:
-        kwargs = {}
-        if embedding:
-            # Embeddings take one whole input per batch; a separate context keeps
-            # the chat context (and its prompt cache) fast. Weights are mmapped, so
-            # the two contexts share them in the page cache.
-            kwargs = {"n_batch": n_ctx, "n_ubatch": n_ctx, "pooling_type": self._pooling}
+    def _load_model(self) -> LlamaModel:
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = self._spec.n_gpu_layers
+        params.use_mmap = self._spec.llama.mmap
+        params.use_mlock = self._spec.llama.mlock
+        params.use_extra_bufts = self.kernels.extra_bufts
         try:
-            with cpu_kernels.extra_bufts(self.kernels.extra_bufts):
-                return llama_cpp.Llama(
-                    self._spec.path,
-                    n_ctx=n_ctx,
-                    n_threads=self._threads,
-                    n_threads_batch=self._threads,
-                    n_gpu_layers=self._spec.n_gpu_layers,
-                    embedding=embedding,
-                    verbose=False,
-                    **kwargs,
-                )
+            return LlamaModel(path_model=self._spec.path, params=params, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadFailed(
                 f"llama.cpp could not load {self._spec.model} from {self._spec.path}: {exc}. "
                 f"The file may be truncated or corrupt, or the box may lack memory."
             ) from exc
 
-    def _chat_formatter(self) -> Jinja2ChatFormatter:
-        llm = self._llm
-        template = effective_template(llm.metadata.get("tokenizer.chat_template"))
+    def _open_context(self, shape: ContextShape, pooling: int) -> LlamaContext:
+        llama = self._spec.llama
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = shape.n_ctx
+        params.n_batch = shape.n_batch
+        params.n_ubatch = shape.n_ubatch
+        params.n_seq_max = shape.n_seq_max
+        params.n_threads = params.n_threads_batch = self._threads
+        params.kv_unified = llama.unified_kv
+        params.swa_full = False
+        params.type_k = params.type_v = KV_TYPES[llama.kv_cache_type]
+        params.flash_attn_type = FLASH_ATTN[llama.flash_attn]
+        params.pooling_type = pooling
+        params.embeddings = False
+        params.no_perf = True
+        try:
+            return LlamaContext(model=self._model, params=params, verbose=False)
+        except ValueError as exc:
+            raise ModelLoadFailed(
+                f"llama.cpp could not open a context of {shape.n_ctx} tokens for "
+                f"{shape.n_seq_max - 1} requests at once for {self._spec.model}: the box may "
+                f"lack memory, or the settings (kv_cache_type {llama.kv_cache_type}, flash_attn "
+                f"{llama.flash_attn}) do not suit this model."
+            ) from exc
+
+    def _chat_formatter(self, metadata: dict[str, str]) -> Jinja2ChatFormatter:
+        model = self._model
+        template = effective_template(metadata.get("tokenizer.chat_template"))
         if not template:
             log.warning("%s has no chat template; using ChatML", self._spec.model)
             template = CHATML_CHAT_TEMPLATE
-        eos, bos = llm.token_eos(), llm.token_bos()
+        eos, bos = model.token_eos(), model.token_bos()
         return Jinja2ChatFormatter(
             template=template,
-            eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
             add_generation_prompt=True,
         )
 
@@ -190,10 +241,25 @@ class LlamaCppEngine:
         """The tokens that are, whole, one piece of tool-call or thinking markup."""
         found = set()
         for mark in (*MARKUP, *(tag for pair in THINK_TAGS for tag in pair)):
-            tokens = self._llm.tokenize(mark.encode("utf-8"), add_bos=False, special=True)
+            tokens = self.tokenize(mark, add_bos=False, special=True)
             if len(tokens) == 1:
                 found.add(tokens[0])
         return frozenset(found)
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (special tokens only when asked)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._model.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(0, n)]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return b"".join(self.piece(t, special=special) for t in tokens).decode("utf-8", "replace")
 
     def _render_chat(self, request: GenerateRequest) -> str:
         """The chat's prompt by the model's own template, with tools and thinking."""
@@ -225,8 +291,10 @@ class LlamaCppEngine:
         """A rendered chat's tokens; with images, a stand-in id at each image position."""
         projector = self._check_images(images)
         if projector is None:
-            return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            return self.tokenize(text, add_bos=False, special=True)
         with projector.tokenize(text, images) as (segments, _):
+            if segments and segments[-1].image is not None:
+                raise InvalidRequest("A prompt must end with text, not an image.", param="messages")
             return [t for segment in segments for t in segment.tokens]
 
     # -- Engine protocol --------------------------------------------------------
@@ -255,7 +323,7 @@ class LlamaCppEngine:
             param = "messages"
         else:
             assert request.prompt is not None
-            tokens = self._llm.tokenize(request.prompt.encode("utf-8"), add_bos=True, special=True)
+            tokens = self.tokenize(request.prompt, add_bos=True, special=True)
             param = "prompt"
         grammar_for(request.params)  # refuse a bad schema before the request is queued
         check_prompt_fits(len(tokens), request.params.context(self.info.n_ctx), param)
@@ -264,59 +332,46 @@ class LlamaCppEngine:
     def generate(
         self, tokens: list[int], params: SamplingParams, cancel: threading.Event
     ) -> Iterator[GenerationEvent]:
-        llm = self._llm
-        limit = max_new_tokens(len(tokens), params.context(self.info.n_ctx), params.max_tokens)
-        llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
+        assert self._batcher is not None
         plan: OutputPlan | None = getattr(tokens, "output", None)
         gbnf = plan.grammar if plan and plan.grammar else grammar_for(params)
+        job = Job(
+            tokens=list(tokens),
+            params=params,
+            limit=max_new_tokens(len(tokens), params.context(self.info.n_ctx), params.max_tokens),
+            grammar=gbnf,
+            cancel=cancel,
+        )
+        images: tuple[bytes, ...] = getattr(tokens, "images", ())
+        if images and self._projector is not None:
+            job.images = self._image_spans(job, getattr(tokens, "text", ""), images)
         reader = OutputReader(plan)
         markup = self._markup_tokens if plan else frozenset()
         stops = StopMatcher(params.stop)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocab = llm._model.vocab
-        started = time.perf_counter()
-        first_at: float | None = None
         produced = 0
         reason: FinishReason = "length"
         hit_stop_sequence = False
-        images: tuple[bytes, ...] = getattr(tokens, "images", ())
-        if images and self._projector is not None:
-            # Text and images but the last token go into the context here (the images
-            # through the projector); Llama.generate finds them cached and goes on.
-            text: str = getattr(tokens, "text", "")
-            with self._projector.tokenize(text, images) as (segments, chunks):
-                tokens = self._projector.prefill(segments, chunks, llm.n_batch)
-        stream = llm.generate(
-            tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-            grammar=LlamaGrammar.from_string(gbnf, verbose=False) if gbnf else None,
-        )
+        self._batcher.submit(job)
         try:
-            for token in stream if limit > 0 else ():
-                first_at = first_at or time.perf_counter()
+            while True:
+                item = job.out.get()
+                if isinstance(item, End):
+                    reason = "cancelled" if item.reason == "cancelled" else item.reason  # type: ignore[assignment]
+                    break
+                if isinstance(item, BaseException):
+                    raise item
                 if cancel.is_set():
                     reason = "cancelled"
                     break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    reason = "stop"
-                    break
                 produced += 1
-                piece = llm.detokenize([token], special=token in markup)
-                text, stopped = stops.feed(utf8.decode(piece))
+                text, stopped = stops.feed(utf8.decode(self.piece(item, special=item in markup)))
                 yield from reader.feed(text)
                 if stopped:
                     reason, hit_stop_sequence = "stop", True
                     break
-                if produced >= limit:
-                    break
         finally:
-            stream.close()
+            job.halt = True  # the loop frees the slot at its next step
         if not hit_stop_sequence and reason != "cancelled":
             # Release what was held back: a trailing partial UTF-8 sequence and
             # text that only looked like the start of a stop sequence.
@@ -326,30 +381,73 @@ class LlamaCppEngine:
         if reason != "cancelled":  # ... and what the parser held: a call, or plain text
             yield from reader.finish()
         ended = time.perf_counter()
-        first_at = first_at or ended
+        admitted = job.admitted or ended
+        first = job.first or ended
         yield Finished(
             reason=reason,
             usage=Usage(prompt_tokens=len(tokens), completion_tokens=produced),
-            timings=Timings(prompt=first_at - started, generation=ended - first_at),
+            timings=Timings(
+                queued=max(0.0, admitted - job.submitted),
+                prompt=max(0.0, first - admitted),
+                generation=max(0.0, ended - first),
+            ),
         )
 
+    def _image_spans(self, job: Job, text: str, images: tuple[bytes, ...]) -> list[ImageSpan]:
+        """Where the prompt's images are, each with how the loop evaluates it; mtmd's
+        chunks live as long as the job."""
+        assert self._projector is not None and self._batcher is not None
+        segments, chunks = job.resources.enter_context(self._projector.tokenize(text, images))
+        spans, start = [], 0
+        for segment in segments:
+            end = start + len(segment.tokens)
+            if segment.image is not None:
+                evaluate = self._projector.evaluator(chunks, segment.image, self.shape.n_batch)
+                spans.append(ImageSpan(start, end, evaluate))
+            start = end
+        return spans
+
     def embed(self, texts: Sequence[str]) -> Embeddings:
-        if self._embedder is None:
-            self._embedder = self._load(embedding=True, n_ctx=self.info.n_ctx)
-        n_tokens = 0
+        assert self._batcher is not None
+        # A pooled vector needs its whole input in one compute pass (llama-server refuses
+        # longer inputs too); an embedding model's pass is its whole context.
+        limit = min(self.info.n_ctx, self.shape.n_ubatch)
+        inputs = []
         for i, text in enumerate(texts):
-            n = len(self._embedder.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-            if n > self.info.n_ctx:
-                raise ContextLengthExceeded(n, self.info.n_ctx, param=f"input.{i}")
-            n_tokens += n
-        vectors = self._embedder.embed(list(texts), normalize=True, truncate=False)
-        return Embeddings(vectors=[list(map(float, v)) for v in vectors], prompt_tokens=n_tokens)
+            ids = self.tokenize(text, add_bos=True, special=False)
+            if len(ids) > self.info.n_ctx:
+                raise ContextLengthExceeded(len(ids), self.info.n_ctx, param=f"input.{i}")
+            if len(ids) > limit:
+                raise InvalidRequest(
+                    f"Input {i} has {len(ids)} tokens; {self._spec.model} embeds at most "
+                    f"{limit} tokens per input (its ubatch in models.yaml). Split the text, "
+                    f"or raise ubatch.",
+                    param=f"input.{i}",
+                )
+            if not ids:
+                raise InvalidRequest(f"Input {i} is empty.", param=f"input.{i}")
+            inputs.append(ids)
+        job = EmbedJob(inputs)
+        self._batcher.submit(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.vectors is not None
+        return Embeddings(vectors=job.vectors, prompt_tokens=sum(map(len, inputs)))
+
+    def check(self) -> None:
+        """Raise if the engine can no longer serve (its batching loop ended)."""
+        if self._batcher is None or not self._batcher.alive:
+            raise EngineFailure(f"the engine of {self._spec.model} has stopped")
 
     def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
         if self._projector is not None:
             self._projector.close()
             self._projector = None
-        for llm in (self._llm, self._embedder):
-            if llm is not None:
-                llm.close()
-        self._embedder = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+        self._model.close()

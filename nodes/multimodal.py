@@ -4,16 +4,16 @@ A vision model is a language model's GGUF plus a projector GGUF (``mmproj``):
 mtmd decodes an image (stb_image: PNG, JPEG, BMP, GIF ...), preprocesses it as
 the projector asks, encodes it into embeddings and decodes them into the
 language model's context. ``Projector.tokenize`` splits a rendered prompt at
-its image markers into text and image chunks; ``Projector.prefill`` evaluates
-them, reusing what the context already holds.
+its image markers into text and image chunks; ``Projector.evaluator`` gives the
+batching loop (``nodes/batching.py``) a call that evaluates one image into a
+slot's sequence when its prompt reaches it.
 
 Image positions have no token ids. In the token list that stands for such a
-prompt (and in ``Llama.input_ids``, which llama-cpp-python matches prompts
-against to reuse its cache) each position of an image holds one negative
-number derived from the image's bytes, which no real token is: a text prompt
-never matches past an image, and a chat that sends the same image again (every
-turn of a conversation does) reuses the evaluated image instead of encoding it
-once more.
+prompt (and in a slot's cached tokens, which new prompts are matched against to
+reuse the cache) each position of an image holds one negative number derived
+from the image's bytes, which no real token is: a text prompt never matches
+past an image, and a chat that sends the same image again (every turn of a
+conversation does) reuses the evaluated image instead of encoding it once more.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
@@ -49,9 +50,10 @@ class Segment:
 
 
 class Projector:
-    """An mtmd context: the projector ``path`` bound to the loaded model ``llm``."""
+    """An mtmd context: the projector ``path`` bound to the loaded ``model`` (a
+    ``llama_model`` pointer)."""
 
-    def __init__(self, path: str, llm: llama_cpp.Llama, *, n_threads: int, use_gpu: bool) -> None:
+    def __init__(self, path: str, model: Any, *, n_threads: int, use_gpu: bool) -> None:
         # mtmd logs through its own callback: route it where llama.cpp's logs go, so a
         # quiet model (verbose=False) is quiet here too.
         mtmd.mtmd_log_set(llama_log_callback, ctypes.c_void_p(0))
@@ -62,8 +64,7 @@ class Projector:
         params.print_timings = False
         self._marker = IMAGE_MARKER.encode()
         params.media_marker = self._marker
-        self._llm = llm
-        self._ctx = mtmd.mtmd_init_from_file(path.encode(), llm.model, params)
+        self._ctx = mtmd.mtmd_init_from_file(path.encode(), model, params)
         if not self._ctx:
             raise ModelLoadFailed(
                 f"llama.cpp could not load the projector {path}: it is not a projector of a "
@@ -133,65 +134,22 @@ class Projector:
                 segments.append(Segment((next(ids),) * n_pos, image=i))
         return segments
 
-    def prefill(self, segments: list[Segment], chunks: int, n_batch: int) -> list[int]:
-        """Evaluate all but the last token of the prompt into ``llm``'s context, reusing
-        the prefix it holds; the prompt's ids, for ``Llama.generate`` to finish."""
-        llm = self._llm
-        ids = [t for s in segments for t in s.tokens]
-        if not segments or segments[-1].image is not None:
-            raise InvalidRequest("A prompt must end with text, not an image.", param="messages")
-        cached = llm.input_ids[: llm.n_tokens].tolist()
-        keep = _common_prefix(cached, ids[:-1])
-        start = 0
-        for segment in segments:  # never keep part of an image: it is evaluated whole
-            end = start + len(segment.tokens)
-            if segment.image is not None and start < keep < end:
-                keep = start
-            start = end
-        if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-            keep = 0
-            llm.reset()
-            llm._ctx.kv_cache_clear()
-        llm.n_tokens = keep
-        start = 0
-        for n, segment in enumerate(segments):
-            end = start + len(segment.tokens)
-            if end > keep:
-                if segment.image is None:
-                    tokens = list(segment.tokens[max(0, keep - start) :])
-                    if n == len(segments) - 1:
-                        tokens.pop()  # the last token is left for generate, for its logits
-                    if tokens:
-                        llm.eval(tokens)
-                else:
-                    self._eval_image(chunks, segment, start, n_batch)
-            start = end
-        return ids
+    def evaluator(self, chunks: Any, index: int, n_batch: int) -> Callable[[Any, int, int], None]:
+        """A call that evaluates image chunk ``index`` of ``chunks`` into a llama.cpp
+        context at a position, in a sequence: ``evaluate(context, position, seq_id)``."""
 
-    def _eval_image(self, chunks: int, segment: Segment, start: int, n_batch: int) -> None:
-        llm = self._llm
-        chunk = mtmd.mtmd_input_chunks_get(chunks, segment.image)
-        n_past = llama_cpp.llama_pos(0)
-        status = mtmd.mtmd_helper_eval_chunk_single(
-            self._ctx, llm._ctx.ctx, chunk, start, 0, n_batch, False, ctypes.byref(n_past)
-        )
-        if status != 0:
-            raise RuntimeError(f"llama.cpp failed to evaluate an image (mtmd error {status})")
-        end = start + len(segment.tokens)
-        llm.input_ids[start:end] = segment.tokens
-        llm.n_tokens = end
-        llm._requires_eval = True
+        def evaluate(lctx: Any, position: int, seq_id: int) -> None:
+            chunk = mtmd.mtmd_input_chunks_get(chunks, index)
+            n_past = llama_cpp.llama_pos(0)
+            status = mtmd.mtmd_helper_eval_chunk_single(
+                self._ctx, lctx, chunk, position, seq_id, n_batch, False, ctypes.byref(n_past)
+            )
+            if status != 0:
+                raise RuntimeError(f"llama.cpp failed to evaluate an image (mtmd error {status})")
+
+        return evaluate
 
     def close(self) -> None:
         if self._ctx:
             mtmd.mtmd_free(self._ctx)
             self._ctx = None
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -44,13 +44,14 @@ def chat(text: str, **params) -> GenerateRequest:
 @pytest.fixture(scope="module")
 def reference(starter_path: Path):
     """llama-cpp-python's own high-level API on the same file: the expected behaviour, with
-    the CPU kernels the engine uses on this box (other kernels round differently)."""
+    the CPU kernels the engine uses on this box and flash attention, which the engine's
+    default (auto) turns on for the CPU: both round differently otherwise."""
     from llama_cpp import Llama
 
     from nodes import cpu_kernels
 
     with cpu_kernels.extra_bufts(cpu_kernels.current().extra_bufts):
-        llm = Llama(str(starter_path), n_ctx=512, n_threads=2, verbose=False)
+        llm = Llama(str(starter_path), n_ctx=512, n_threads=2, flash_attn=True, verbose=False)
     yield llm
     llm.close()
 
@@ -77,7 +78,7 @@ def test_loads_with_the_requested_context_and_reports_the_model(llama):
 def test_chat_uses_the_models_own_template(llama):
     # SmolLM2's template (from the GGUF) is ChatML with a default system prompt.
     tokens = llama.encode(chat("Hello"))
-    text = llama._llm.detokenize(tokens, special=True).decode()
+    text = llama.detokenize(tokens, special=True)
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert text.endswith("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
 
