@@ -232,6 +232,7 @@ class Finished:
     reason: FinishReason
     usage: Usage
     timings: Timings
+    stop_sequence: str | None = None  # the stop sequence that ended the text, if one did
 
 
 GenerationEvent = TextDelta | ThinkingDelta | ToolCallEvent | Finished
@@ -402,13 +403,15 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = [s for s in stops if s]
         self._held = ""
+        self.matched: str | None = None  # the stop sequence found, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self._stops:
             return text, False
         buf = self._held + text
-        cut = min((i for i in (buf.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := buf.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self._held = ""
             return buf[:cut], True
         keep = max((_overlap(buf, s) for s in self._stops), default=0)

@@ -176,6 +176,7 @@ class FakeEngine:
         yield Finished(
             reason=reason,
             usage=Usage(prompt_tokens=len(tokens), completion_tokens=produced),
+            stop_sequence=stops.matched,
             timings=Timings(prompt=first_at - started, generation=ended - first_at),
         )
 

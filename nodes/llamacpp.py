@@ -386,6 +386,7 @@ class LlamaCppEngine:
         yield Finished(
             reason=reason,
             usage=Usage(prompt_tokens=len(tokens), completion_tokens=produced),
+            stop_sequence=stops.matched,
             timings=Timings(
                 queued=max(0.0, admitted - job.submitted),
                 prompt=max(0.0, first - admitted),

@@ -391,3 +391,16 @@ def test_a_body_that_is_not_an_object_is_400_in_anthropics_shape(client):
     response = client.post("/v1/messages/count_tokens", content=b"[]")
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_a_stop_sequence_is_named_as_the_reason(client):
+    # The fake engine's words are separated by spaces: a space ends the text at once.
+    body = {
+        "model": "fake:1",
+        "max_tokens": 50,
+        "stop_sequences": [" "],
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    answer = client.post("/v1/messages", json=body).json()
+    assert answer["stop_reason"] == "stop_sequence" and answer["stop_sequence"] == " "
+    assert len(answer["content"][0]["text"].split()) == 1
