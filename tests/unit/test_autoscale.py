@@ -389,3 +389,11 @@ def test_decide_gives_each_model_its_own_decision_and_timers():
         m3: Timers(above_since=10.0),
         "m4:1b": Timers(),
     }
+
+
+def test_the_target_is_per_slot_a_replica_with_four_slots_carries_four_times_as_many():
+    s = spec(target=2, up=5)
+    assert run(state(s, busy("a", 8, slots=4)), [0, 10]) == [None, None]  # 2 per slot
+    decisions = run(state(s, busy("a", 9, slots=4)), [0, 10])
+    assert decisions[0] is None and decisions[1].op == "scale_up"
+    assert "target 8 per replica" in decisions[1].reason

@@ -29,8 +29,10 @@ from nodes.errors import ContextLengthExceeded
 from nodes.fake_engine import EngineFault
 
 
-def replica(stream_interval: float = 0.0, **options) -> ModelReplica:
-    spec = EngineSpec(model="fake", path="", n_ctx=64, engine="fake", options=options)
+def replica(stream_interval: float = 0.0, parallel: int = 1, **options) -> ModelReplica:
+    spec = EngineSpec(
+        model="fake", path="", n_ctx=64, engine="fake", options=options, parallel=parallel
+    )
     return ModelReplica(load_engine(spec), stream_interval=stream_interval)
 
 
@@ -90,6 +92,29 @@ def test_requests_run_one_at_a_time_in_arrival_order():
     order, stats = asyncio.run(run())
     assert order == [0, 1, 2, 3]
     assert (stats.pending, stats.finished, stats.cancelled) == (0, 4, 0)
+
+
+def test_a_replica_with_slots_runs_that_many_at_once_and_queues_the_rest():
+    async def run():
+        rep = replica(parallel=2, token_delay=0.02, reply_tokens=10)
+        started: dict[int, float] = {}
+        loads = []
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(0.005 * i)
+            async for batch in rep.generate(request(f"r{i}")):
+                if any(isinstance(e, TextDelta) for e in batch):
+                    started.setdefault(i, time.perf_counter())
+                    loads.append(rep.load())
+
+        await asyncio.gather(*(one(i) for i in range(4)))
+        return started, loads
+
+    started, loads = asyncio.run(run())
+    # the first two start together; the last two only once a slot is free
+    assert max(started[0], started[1]) < min(started[2], started[3])
+    assert all(load.slots == 2 for load in loads)
+    assert max(load.queued for load in loads) == 2 and max(load.in_flight for load in loads) == 4
 
 
 def test_a_prompt_that_cannot_run_is_refused_as_data():
