@@ -247,6 +247,8 @@ class Placement(BaseModel):
     node: str
     replicas: int
     status: str
+    slots: int = 0  # requests its replicas run at once, together
+    in_flight: int = 0  # requests running or waiting on them now
 
 
 class RunningModel(BaseModel):

@@ -727,7 +727,13 @@ def running_models(
                 size_vram=sum(r["vram"] * r["replicas"] for r in placed),
                 context_length=max(r["context"] for r in placed),
                 placements=[
-                    p.Placement(node=r["node"], replicas=r["replicas"], status=r["status"])
+                    p.Placement(
+                        node=r["node"],
+                        replicas=r["replicas"],
+                        status=r["status"],
+                        slots=r.get("slots", 0),
+                        in_flight=r.get("in_flight", 0),
+                    )
                     for r in placed
                 ],
             )

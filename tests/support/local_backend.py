@@ -97,6 +97,7 @@ class LocalBackend:
             "node": NODE,
             "replicas": 1,
             "in_flight": load.in_flight,
+            "slots": load.slots,
             "idle_for": load.idle_for,
             "keep_alive": None if keep_alive == math.inf else keep_alive,
             "expires_at": expires_at,
@@ -120,6 +121,7 @@ class LocalBackend:
                     "replicas": 1,
                     "in_flight": load.in_flight,
                     "queued": load.queued,
+                    "slots": load.slots,
                 }
                 for name, load in loads.items()
             ],

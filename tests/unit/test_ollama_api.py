@@ -273,7 +273,9 @@ def test_ps_shows_loaded_models_with_expiry_and_context(http, client):
     starter = running[MODEL]
     assert starter["size"] > 90 * 10**6 and starter["size_vram"] == 0
     assert starter["context_length"] == 1024 and starter["details"]["family"] == "llama"
-    assert starter["placements"] == [{"node": "local", "replicas": 1, "status": "RUNNING"}]
+    assert starter["placements"] == [
+        {"node": "local", "replicas": 1, "status": "RUNNING", "slots": 1, "in_flight": 0}
+    ]
     left = datetime.fromisoformat(starter["expires_at"]).timestamp() - time.time()
     assert 500 < left <= 600
     client.generate(model=MODEL, prompt="Hi", options={"num_predict": 1}, keep_alive=-1)
