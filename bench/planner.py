@@ -316,12 +316,14 @@ class Exhaustive:
         spec, node = self.specs[i], self.nodes[j]
         info = self.models[spec.name]
         context = spec.context or 4096
+        shape = {"parallel": spec.slots, "llama": spec.llama_settings()}  # as the planner's
         if spec.placement.gpu == "never" or node.vram == 0:
-            est = estimate_memory(info, context)
+            est = estimate_memory(info, context, **shape)
         elif spec.placement.gpu == "required":
-            est = estimate_memory(info, context, gpu_layers=info.n_layers + 1, gpus=node.gpus)
+            layers = info.n_layers + 1
+            est = estimate_memory(info, context, gpu_layers=layers, gpus=node.gpus, **shape)
         else:
-            est = fit_gpu_layers(info, context, free_vram, gpus=max(node.gpus, 1))
+            est = fit_gpu_layers(info, context, free_vram, gpus=max(node.gpus, 1), **shape)
         return est.ram, est.vram
 
     def place(self, i: int, choice: tuple[int, ...], ram: tuple, vram: tuple):

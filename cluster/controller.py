@@ -214,7 +214,10 @@ class Controller:
         if keep_alive is None:
             keep_alive = self._spec_of(p.model).keep_alive
         idle_since = None if in_flight else last_use
-        return PlacementLoad(p.model, p.node, p.replicas, in_flight, idle_since, keep_alive)
+        slots = max((load.slots for _, load in reports), default=1)
+        return PlacementLoad(
+            p.model, p.node, p.replicas, in_flight, idle_since, keep_alive, slots=slots
+        )
 
     def _fresh_reports(self, app: str, now: float) -> list[tuple[float, ReplicaLoad]]:
         by_replica = self._reports.get(app, {})
@@ -603,6 +606,7 @@ class Controller:
                     "replicas": p.replicas,
                     "in_flight": sum(load.in_flight for load in loads),
                     "queued": sum(load.queued for load in loads),
+                    "slots": sum(load.slots for load in loads),
                 }
             )
         nodes, seen = [], set()
@@ -733,6 +737,7 @@ class Controller:
             rows.append(
                 {
                     "in_flight": load.in_flight,
+                    "slots": load.slots * p.replicas,
                     "idle_for": None
                     if load.idle_since is None
                     else max(0.0, now - load.idle_since),
@@ -765,6 +770,7 @@ class Controller:
         spec = self._spec_of(f.model)
         return {
             "in_flight": 0,
+            "slots": 0,
             "idle_for": None,
             "keep_alive": None,
             "expires_at": None,
@@ -1153,6 +1159,9 @@ class Controller:
             n_gpu_layers=p.gpu_layers,
             engine=spec.engine,
             options=dict(spec.engine_options),
+            # the shape the placement's memory was estimated for (planner._estimate)
+            parallel=p.parallel,
+            llama=p.llama,
             digest=model.model_digest,
             fetch_from=self._head_url(),
             projector=model.projector,

@@ -29,10 +29,11 @@ numbers each replica then reserves from Ray.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from cluster.spec import ModelSpec
+from nodes.engine import LlamaSettings
 from nodes.gguf import GgufInfo, MemoryEstimate, estimate_memory, fit_gpu_layers
 
 GIB = 1024**3
@@ -66,15 +67,21 @@ class Placement:
     vram: int  # bytes per replica
     path: str  # the GGUF file the replicas load
     reason: str = field(default="", compare=False)
+    parallel: int = 1  # slots: requests each replica decodes together
+    llama: LlamaSettings = field(default_factory=LlamaSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.llama, dict):  # read back from JSON (saved state)
+            object.__setattr__(self, "llama", LlamaSettings(**self.llama))
 
     @property
     def key(self) -> tuple[str, str]:
         return self.model, self.node
 
     @property
-    def engine(self) -> tuple[int, int, int, str]:
+    def engine(self) -> tuple[int, int, int, str, int, LlamaSettings]:
         """The settings a replica loads with: changing any means reloading it."""
-        return self.context, self.threads, self.gpu_layers, self.path
+        return self.context, self.threads, self.gpu_layers, self.path, self.parallel, self.llama
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +128,19 @@ class Change:
             return f"{head}: {describe_placement(p)}"
         before, after = self.before, self.after
         assert before is not None and after is not None
-        fields = ("replicas", "context", "threads", "gpu_layers", "ram", "vram", "path")
+        fields = (
+            "replicas", "context", "parallel", "threads", "gpu_layers", "ram", "vram", "path"
+        )  # fmt: skip
         parts = []
         for name in fields:
             old, new = getattr(before, name), getattr(after, name)
             if old != new:
                 show = human_bytes if name in ("ram", "vram") else str
                 parts.append(f"{name.replace('_', ' ')} {show(old)} -> {show(new)}")
+        for name, new in asdict(after.llama).items():
+            old = getattr(before.llama, name)
+            if old != new:
+                parts.append(f"llama.{name} {old} -> {new}")
         return f"{head}: {', '.join(parts)}"
 
 
@@ -136,7 +149,8 @@ def describe_placement(p: Placement) -> str:
     memory = f"{human_bytes(p.ram)} RAM" + (f" + {human_bytes(p.vram)} VRAM" if p.vram else "")
     return (
         f"{p.replicas} replica{'s' if p.replicas != 1 else ''}, context {p.context}, "
-        f"{p.threads} threads, {where}, {memory} each"
+        f"{p.parallel} slot{'s' if p.parallel != 1 else ''}, {p.threads} threads, {where}, "
+        f"{memory} each"
     )
 
 
@@ -319,11 +333,11 @@ class _Planner:
             free_ram += held.replicas * held.ram
             free_vram += held.replicas * held.vram
         if spec.placement.gpu == "never" or node.vram == 0:
-            est = self._estimate(spec.name, context, 0, 1)
+            est = self._estimate(spec, context, 0, 1)
         elif spec.placement.gpu == "required":
-            est = self._estimate(spec.name, context, info.n_layers + 1, node.gpus)
+            est = self._estimate(spec, context, info.n_layers + 1, node.gpus)
         else:
-            est = self._fit_layers(spec.name, context, free_vram // replicas, max(node.gpus, 1))
+            est = self._fit_layers(spec, context, free_vram // replicas, max(node.gpus, 1))
         for kind, free, need in (("VRAM", free_vram, est.vram), ("RAM", free_ram, est.ram)):
             if need * replicas <= free:
                 continue
@@ -361,6 +375,8 @@ class _Planner:
             vram=est.vram,
             path=info.path,
             reason=f"{spec.placement.strategy}: fits {node.name} with {device}",
+            parallel=spec.slots,
+            llama=spec.llama_settings(),
         )
 
     def _score(
@@ -380,10 +396,10 @@ class _Planner:
         info = self.models[spec.name]
         context = spec.context or self.default_context
         if spec.placement.gpu == "required":
-            gpu = estimate_memory(info, context, gpu_layers=info.n_layers + 1)
+            gpu = self._estimate(spec, context, info.n_layers + 1, 1)
             need = f"needs {human_bytes(gpu.vram)} VRAM ({_needs(gpu, info)})"
         else:
-            cpu = self._estimate(spec.name, context, 0, 1)
+            cpu = self._estimate(spec, context, 0, 1)
             need = f"needs {human_bytes(cpu.ram)} RAM ({_needs(cpu, info)})"
         if not self.nodes:
             return f"{need}; the cluster has no nodes"
@@ -406,23 +422,33 @@ class _Planner:
 
     # -- memory estimates ------------------------------------------------------
 
-    def _estimate(self, model: str, context: int, gpu_layers: int, gpus: int) -> MemoryEstimate:
-        key = (model, context, gpu_layers, gpus)
+    def _estimate(
+        self, spec: ModelSpec, context: int, gpu_layers: int, gpus: int
+    ) -> MemoryEstimate:
+        """The memory of one replica of ``spec`` as it will run: its slots and llama.cpp
+        settings size the KV cache, compute and output buffers."""
+        key = (spec.name, context, gpu_layers, gpus)
         est = self._estimates.get(key)
         if est is None:
-            info = self.models[model]
-            est = estimate_memory(info, context, gpu_layers=gpu_layers, gpus=gpus)
+            est = estimate_memory(
+                self.models[spec.name],
+                context,
+                parallel=spec.slots,
+                llama=spec.llama_settings(),
+                gpu_layers=gpu_layers,
+                gpus=gpus,
+            )
             self._estimates[key] = est
         return est
 
-    def _fit_layers(self, model: str, context: int, vram: int, gpus: int) -> MemoryEstimate:
+    def _fit_layers(self, spec: ModelSpec, context: int, vram: int, gpus: int) -> MemoryEstimate:
         """``fit_gpu_layers`` on this plan's memo of estimates."""
         return fit_gpu_layers(
-            self.models[model],
+            self.models[spec.name],
             context,
             vram,
             gpus=gpus,
-            estimate=lambda layers: self._estimate(model, context, layers, gpus),
+            estimate=lambda layers: self._estimate(spec, context, layers, gpus),
         )
 
     # -- bookkeeping ---------------------------------------------------------
@@ -431,7 +457,7 @@ class _Planner:
         """Placing order: pinned models, then those that need a GPU (the others can fall
         back to RAM), then those fewer nodes may take, then the largest."""
         allowed = len(self._allowed(spec))
-        size = self._estimate(spec.name, spec.context or self.default_context, 0, 1).ram
+        size = self._estimate(spec, spec.context or self.default_context, 0, 1).ram
         return not spec.pinned, spec.placement.gpu != "required", allowed, -size, spec.name
 
     def _allowed(self, spec: ModelSpec) -> set[str]:
@@ -456,7 +482,8 @@ class _Planner:
             or (gpu == "auto" and (p.gpu_layers == 0 or node.vram > 0))
         )
         context = spec.context or self.default_context
-        return gpu_ok and (p.context, p.threads, p.path) == (context, threads, info.path)
+        settings = (context, threads, info.path, spec.slots, spec.llama_settings())
+        return gpu_ok and (p.context, p.threads, p.path, p.parallel, p.llama) == settings
 
     def _room(self, p: Placement, replicas: int) -> bool:
         """Whether ``p``'s node has room for ``replicas`` of it as they are (counting

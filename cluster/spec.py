@@ -11,10 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from cluster import yamlfile
 from nodes.durations import parse_duration
+from nodes.engine import DEFAULT_PARALLEL, MAX_PARALLEL, FlashAttn, KvCacheType, LlamaSettings
 from nodes.models import check_name
 
 GpuMode = Literal["auto", "required", "never"]
@@ -72,7 +81,9 @@ class Autoscaling(_Strict):
     """When replicas are added under load and removed after it."""
 
     target: float = Field(
-        default=2.0, gt=0, description="requests in flight per replica before another is added"
+        default=2.0,
+        gt=0,
+        description="requests in flight per slot (parallel) before another replica is added",
     )
     upscale_delay: float = Field(
         default=5.0, description="how long the load stays above target before a replica is added"
@@ -86,6 +97,79 @@ class Autoscaling(_Strict):
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)
+
+
+_DEFAULT_LLAMA = LlamaSettings()
+MAX_BATCH = 1 << 20  # tokens: far beyond any context llama.cpp opens
+
+
+class Llama(_Strict):
+    """llama.cpp's settings for one model (``nodes.engine.LlamaSettings``)."""
+
+    flash_attn: FlashAttn = Field(
+        default=_DEFAULT_LLAMA.flash_attn,
+        description="flash attention: auto (on where the backend has it: the CPU, CUDA for "
+        "the usual head sizes), on, off; it shrinks the compute buffer at long contexts",
+    )
+    kv_cache_type: KvCacheType = Field(
+        default=_DEFAULT_LLAMA.kv_cache_type,
+        description="type of the KV cache: f16, or q8_0/q4_0 for about a half/a quarter "
+        "of its memory (these need flash attention)",
+    )
+    batch: int = Field(
+        default=_DEFAULT_LLAMA.batch,
+        ge=1,
+        le=MAX_BATCH,
+        description="the most tokens one decode call takes (n_batch)",
+    )
+    ubatch: int = Field(
+        default=_DEFAULT_LLAMA.ubatch,
+        ge=1,
+        le=MAX_BATCH,
+        description="tokens per compute pass (n_ubatch, at most batch): sizes the compute "
+        "buffer, which holds the logits of this many tokens",
+    )
+    mlock: bool = Field(
+        default=_DEFAULT_LLAMA.mlock, description="lock the weights in RAM (never swapped)"
+    )
+    mmap: bool = Field(
+        default=_DEFAULT_LLAMA.mmap,
+        description="map the file instead of reading it into memory",
+    )
+    unified_kv: bool = Field(
+        default=_DEFAULT_LLAMA.unified_kv,
+        description="one KV cache shared by the slots (a long request may use what short "
+        "ones leave); false: each slot its share of the context, and answers that do not "
+        "depend on what else runs",
+    )
+
+    @field_validator("flash_attn", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML reads a bare on/off as true/false
+            return "on" if value else "off"
+        return value
+
+    @field_validator("kv_cache_type")
+    @classmethod
+    def _quantized_needs_flash(cls, kv: str, info: ValidationInfo) -> str:
+        if kv != "f16" and info.data.get("flash_attn") == "off":
+            raise ValueError(
+                f"a {kv} KV cache needs flash attention (llama.cpp refuses a quantized V "
+                f"cache without it): set flash_attn to auto or on, or use f16"
+            )
+        return kv
+
+    @field_validator("ubatch")
+    @classmethod
+    def _ubatch_within_batch(cls, ubatch: int, info: ValidationInfo) -> int:
+        batch = info.data.get("batch")
+        if batch is not None and ubatch > batch:
+            raise ValueError(f"ubatch ({ubatch}) must be at most batch ({batch})")
+        return ubatch
+
+    def settings(self) -> LlamaSettings:
+        return LlamaSettings(**self.model_dump())
 
 
 class ModelSpec(_Strict):
@@ -121,10 +205,22 @@ class ModelSpec(_Strict):
         description="llama.cpp runs the model; fake answers with deterministic words at a set "
         "pace, for testing routing and scaling without the CPU cost",
     )
+    parallel: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_PARALLEL,
+        description="requests a replica decodes together (its slots; more wait in its "
+        f"queue); they share the context's KV cache (default: {DEFAULT_PARALLEL} for "
+        "llama.cpp, 1 for fake)",
+    )
+    llama: Llama = Field(
+        default_factory=Llama,
+        description="llama.cpp's settings: flash_attn, kv_cache_type, batch, ubatch, mlock, mmap",
+    )
     engine_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="settings of the engine; fake: token_delay, prompt_delay, reply_tokens, "
-        "load_delay (seconds or counts)",
+        description="settings of the fake engine: token_delay, prompt_delay, reply_tokens, "
+        "load_delay (seconds or counts); llama.cpp takes `parallel` and `llama:` instead",
     )
 
     @field_validator("name")
@@ -143,6 +239,29 @@ class ModelSpec(_Strict):
     @classmethod
     def _duration(cls, value: Any) -> float:
         return parse_duration(value)
+
+    @field_validator("engine_options")
+    @classmethod
+    def _options_of_the_fake_engine(cls, options: dict[str, Any], info: ValidationInfo) -> dict:
+        if options and info.data.get("engine", "llama.cpp") == "llama.cpp":
+            keys = ", ".join(sorted(map(str, options)))
+            raise ValueError(
+                f"engine_options are for the fake engine (got {keys}); llama.cpp takes "
+                f"`parallel` and a `llama:` block (flash_attn, kv_cache_type, batch, ubatch, "
+                f"mlock, mmap)"
+            )
+        return options
+
+    @property
+    def slots(self) -> int:
+        """``parallel``, or the engine's default when the file leaves it out."""
+        if self.parallel is not None:
+            return self.parallel
+        return DEFAULT_PARALLEL if self.engine == "llama.cpp" else 1
+
+    def llama_settings(self) -> LlamaSettings:
+        """The llama.cpp settings the engine opens its context with."""
+        return self.llama.settings()
 
 
 class ModelsFile(_Strict):

@@ -13,8 +13,9 @@ the tests check the planner's choices and wording, not the estimator's numbers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -31,8 +32,20 @@ from cluster.planner import (
     plan,
 )
 from cluster.spec import ModelSpec, Replicas
-from nodes.gguf import MemoryEstimate, estimate_memory, fit_gpu_layers
+from nodes.engine import DEFAULT_PARALLEL, LlamaSettings
+from nodes.gguf import GgufInfo, MemoryEstimate
+from nodes.gguf import estimate_memory as _estimate_memory
+from nodes.gguf import fit_gpu_layers as _fit_gpu_layers
 from tests.support.models import LIBRARY, fixture_node, homelab_nodes
+
+
+def estimate_memory(info: GgufInfo, context: int, **kwargs) -> MemoryEstimate:
+    """The estimate of one replica as a llama.cpp ModelSpec with defaults runs it."""
+    return _estimate_memory(info, context, parallel=DEFAULT_PARALLEL, **kwargs)
+
+
+def fit_gpu_layers(info: GgufInfo, context: int, vram: int, **kwargs) -> MemoryEstimate:
+    return _fit_gpu_layers(info, context, vram, parallel=DEFAULT_PARALLEL, **kwargs)
 
 
 def homelab(*, down: Sequence[str] = ()) -> list[PlanNode]:
@@ -53,9 +66,15 @@ def run(
     return plan(homelab() if nodes is None else nodes, specs, current, models=LIBRARY, **kwargs)
 
 
-def ram(model: str, context: int = 4096) -> int:
-    """RAM of one replica of ``model`` on the CPU."""
-    return estimate_memory(LIBRARY[model], context).ram
+# The fixture nas (5.6 GiB) takes one 8b or two 3b replicas at context 4096 when their
+# compute and output buffers are sized for 256-token micro-batches (512 by default).
+SMALL_BATCH = {"ubatch": 256}
+
+
+def ram(model: str, context: int = 4096, llama: dict | None = None) -> int:
+    """RAM of one replica of ``model`` on the CPU (with ``llama`` settings)."""
+    settings = LlamaSettings(**(llama or {}))
+    return estimate_memory(LIBRARY[model], context, llama=settings).ram
 
 
 def whole_on_gpu(model: str, context: int = 4096) -> MemoryEstimate:
@@ -109,7 +128,8 @@ def test_full_offload_stays_within_the_vram_offer():
     assert (p.node, p.gpu_layers) == ("gpubox", info.n_layers + 1)
     assert p.vram <= node("gpubox").vram
     assert p.vram == whole_on_gpu("llama3.1:8b").vram
-    assert p.ram < 512 * MIB  # only the token embeddings and buffers stay in RAM
+    # only the token embeddings and buffers stay in RAM (the output buffer is host memory)
+    assert p.ram < 640 * MIB
 
 
 def test_a_70b_model_is_split_between_vram_and_ram():
@@ -145,10 +165,11 @@ def test_a_model_that_fits_nowhere_says_what_it_needs_and_why_each_node_refused(
 
 
 def test_gpu_never_runs_on_the_cpu_of_the_tightest_node():
-    p = only(run([ModelSpec(name="llama3.1:8b", placement={"gpu": "never"})]), "llama3.1:8b")
+    spec = ModelSpec(name="llama3.1:8b", placement={"gpu": "never"}, llama=SMALL_BATCH)
+    p = only(run([spec]), "llama3.1:8b")
     # every node could take it; the nas leaves the least room unused
     assert (p.node, p.gpu_layers, p.vram) == ("nas", 0, 0)
-    assert p.ram == estimate_memory(LIBRARY["llama3.1:8b"], 4096).ram
+    assert p.ram == ram("llama3.1:8b", llama=SMALL_BATCH)
     assert p.reason == "spread: fits nas with CPU"
 
 
@@ -258,23 +279,33 @@ def test_replicas_on_one_gpu_share_its_vram():
 
 
 def test_three_replicas_over_three_nodes():
-    result = run([ModelSpec(name="llama3.1:8b", replicas={"min": 3}, placement={"gpu": "never"})])
+    spec = ModelSpec(
+        name="llama3.1:8b", replicas={"min": 3}, placement={"gpu": "never"}, llama=SMALL_BATCH
+    )
+    result = run([spec])
     assert where(result, "llama3.1:8b") == {"gpubox": 1, "minipc": 1, "nas": 1}
     assert result.unplaced == ()
 
 
 def test_spread_stacks_replicas_when_nodes_run_out():
     result = run(
-        [ModelSpec(name="llama3.2:3b", replicas=3, placement={"nodes": ["minipc", "nas"]})]
+        [
+            ModelSpec(
+                name="llama3.2:3b",
+                replicas=3,
+                placement={"nodes": ["minipc", "nas"]},
+                llama=SMALL_BATCH,
+            )
+        ]
     )
     # one on each, then the tightest fit: the nas has less left than the minipc
     assert where(result, "llama3.2:3b") == {"minipc": 1, "nas": 2}
 
 
 def test_a_model_short_of_replicas_gets_what_is_left():
-    spec = ModelSpec(name="llama3.1:8b", replicas=4, placement={"gpu": "never"})
+    spec = ModelSpec(name="llama3.1:8b", replicas=4, placement={"gpu": "never"}, llama=SMALL_BATCH)
     result = run([spec], [node("minipc"), node("nas")])
-    eight = ram("llama3.1:8b")
+    eight = ram("llama3.1:8b", llama=SMALL_BATCH)
     assert where(result, "llama3.1:8b") == {"minipc": 2, "nas": 1}
     assert result.unplaced == (
         Unplaced(
@@ -303,7 +334,8 @@ def test_a_model_short_of_replicas_does_not_crowd_out_others():
 
 def test_pinned_models_are_placed_first_when_memory_is_short():
     nas = [node("nas")]  # room for the 8b model or the 3b model, not both
-    big, small = ModelSpec(name="llama3.1:8b"), ModelSpec(name="llama3.2:3b")
+    big = ModelSpec(name="llama3.1:8b", llama=SMALL_BATCH)
+    small = ModelSpec(name="llama3.2:3b", llama=SMALL_BATCH)
     assert where(run([big, small], nas), "llama3.1:8b") == {"nas": 1}  # largest first
     pinned = run([big, small.model_copy(update={"pinned": True})], nas)
     assert where(pinned, "llama3.2:3b") == {"nas": 1}
@@ -312,8 +344,9 @@ def test_pinned_models_are_placed_first_when_memory_is_short():
             "llama3.1:8b",
             1,
             0,
-            f"needs {human_bytes(ram('llama3.1:8b'))} RAM (context 4096, on the CPU); "
-            f"nas has {human_bytes(node('nas').ram - ram('llama3.2:3b'))} free",
+            f"needs {human_bytes(ram('llama3.1:8b', llama=SMALL_BATCH))} RAM (context 4096, "
+            f"on the CPU); nas has "
+            f"{human_bytes(node('nas').ram - ram('llama3.2:3b', llama=SMALL_BATCH))} free",
         ),
     )
 
@@ -441,12 +474,12 @@ def test_a_changed_replica_count_does_not_reload():
 
 
 def test_one_more_replica_than_a_running_placement_has_room_for():
-    spec = ModelSpec(name="llama3.1:8b", placement={"nodes": ["nas"]})
+    spec = ModelSpec(name="llama3.1:8b", placement={"nodes": ["nas"]}, llama=SMALL_BATCH)
     first = run([spec])
     result = run([spec.model_copy(update={"replicas": Replicas(min=2)})], current=first.placements)
     assert result.placements == first.placements  # the running replica stays as it is
     (missing,) = result.unplaced
-    eight = ram("llama3.1:8b")
+    eight = ram("llama3.1:8b", llama=SMALL_BATCH)
     assert (missing.wanted, missing.placed) == (2, 1)
     assert missing.reason == (
         f"needs {human_bytes(eight)} RAM (context 4096, on the CPU); minipc is excluded by "
@@ -516,11 +549,11 @@ def test_describe_each_kind_of_change():
         "llama3.2:3b",
     )
     assert Change("+", None, cpu).describe() == (
-        "+ llama3.2:3b on nas: 1 replica, context 4096, 4 threads, CPU, "
+        "+ llama3.2:3b on nas: 1 replica, context 4096, 4 slots, 4 threads, CPU, "
         f"{human_bytes(ram('llama3.2:3b'))} RAM each"
     )
     assert Change("-", gpu, None).describe() == (
-        "- llama3.2:3b on gpubox: 2 replicas, context 4096, 8 threads, 29 GPU layers, "
+        "- llama3.2:3b on gpubox: 2 replicas, context 4096, 4 slots, 8 threads, 29 GPU layers, "
         f"{human_bytes(gpu.ram)} RAM + {human_bytes(gpu.vram)} VRAM each"
     )
     fewer_layers = replace(gpu, gpu_layers=20, threads=4)
@@ -528,6 +561,11 @@ def test_describe_each_kind_of_change():
         "~ llama3.2:3b on gpubox: threads 8 -> 4, gpu layers 29 -> 20"
     )
     assert Change("~", gpu, fewer_layers).reload
+    reshaped = replace(gpu, parallel=2, llama=LlamaSettings(kv_cache_type="q8_0"))
+    assert Change("~", gpu, reshaped).describe() == (
+        "~ llama3.2:3b on gpubox: parallel 4 -> 2, llama.kv_cache_type f16 -> q8_0"
+    )
+    assert Change("~", gpu, reshaped).reload
     assert not Change("+", None, cpu).reload and not Change("-", gpu, None).reload
 
 
@@ -544,3 +582,45 @@ def test_describe_each_kind_of_change():
 )
 def test_human_bytes(n, text):
     assert human_bytes(n) == text
+
+
+# -- the replica's shape: slots and llama.cpp settings -------------------------------
+
+
+def test_a_placement_reserves_the_memory_of_its_slots_and_settings():
+    """The estimate follows the model's parallel and llama settings: a q8_0 cache is
+    smaller, more slots add output rows, and the placement carries them to the engine."""
+    base = ModelSpec(name="llama3.2:3b", placement={"gpu": "never", "nodes": ["minipc"]})
+    lean = ModelSpec.model_validate(
+        {**base.model_dump(), "parallel": 1, "llama": {"kv_cache_type": "q8_0"}}
+    )
+    p, q = only(run([base]), "llama3.2:3b"), only(run([lean]), "llama3.2:3b")
+    assert (p.parallel, p.llama) == (DEFAULT_PARALLEL, LlamaSettings())
+    assert (q.parallel, q.llama.kv_cache_type) == (1, "q8_0")
+    info = LIBRARY["llama3.2:3b"]
+    assert q.ram == _estimate_memory(info, 4096, parallel=1, llama=q.llama).ram
+    assert q.ram < p.ram
+
+
+def test_changing_the_slots_or_settings_reloads_the_placement():
+    spec = ModelSpec(name="llama3.2:3b", placement={"nodes": ["minipc"]})
+    first = run([spec])
+    assert run([spec], current=first.placements).placements == first.placements
+    for update in ({"parallel": 2}, {"llama": {"flash_attn": "off"}}):
+        changed = ModelSpec.model_validate({**spec.model_dump(), **update})
+        result = run([changed], current=first.placements)
+        (change,) = diff(first.placements, result)
+        assert change.op == "~" and change.reload, update
+
+
+def test_a_placement_read_back_from_json_has_its_settings():
+    p = only(run([ModelSpec(name="llama3.2:3b", llama={"ubatch": 128})]), "llama3.2:3b")
+    again = Placement(**json.loads(json.dumps(asdict(p))))
+    assert again == p and again.llama.ubatch == 128
+
+
+def test_a_fake_model_has_one_slot_unless_told():
+    fake = only(run([ModelSpec(name="llama3.2:1b", engine="fake")]), "llama3.2:1b")
+    assert fake.parallel == 1
+    four = ModelSpec(name="llama3.2:1b", engine="fake", parallel=4)
+    assert only(run([four]), "llama3.2:1b").parallel == 4

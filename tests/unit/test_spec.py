@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.spec import DEFAULT_KEEP_ALIVE, ModelSpec, load_models
+from cluster.spec import DEFAULT_KEEP_ALIVE, Llama, ModelSpec, load_models
 from cluster.yamlfile import ConfigError
 from nodes.durations import FOREVER, format_duration, parse_duration
+from nodes.engine import DEFAULT_PARALLEL, MAX_PARALLEL, LlamaSettings
 
 
 def write(path: Path, text: str) -> Path:
@@ -421,3 +422,112 @@ def test_engine_is_llama_cpp_or_fake(tmp_path):
     assert (spec.engine, spec.engine_options) == ("fake", {"token_delay": 0.02})
     with pytest.raises(ConfigError, match=r"bad.yaml:3: models\[0\].engine: .*llama.cpp"):
         load_models(write(tmp_path / "bad.yaml", "models:\n  - name: a\n    engine: vllm\n"))
+
+
+# -- slots and llama.cpp's settings ----------------------------------------------------
+
+
+def test_parallel_and_llama_settings(tmp_path):
+    text = """
+    models:
+      - name: a
+        parallel: 8
+        llama:
+          flash_attn: on
+          kv_cache_type: q4_0
+          batch: 1024
+          ubatch: 256
+          mlock: true
+          mmap: false
+      - name: b
+        llama: {flash_attn: off}
+      - name: c
+    """
+    a, b, c = load_models(write(tmp_path / "models.yaml", text))
+    assert a.slots == 8
+    assert a.llama_settings() == LlamaSettings(
+        flash_attn="on", kv_cache_type="q4_0", batch=1024, ubatch=256, mlock=True, mmap=False
+    )
+    assert b.llama.flash_attn == "off"  # YAML's bare off is false: read as "off"
+    assert (c.parallel, c.slots, c.llama_settings()) == (None, DEFAULT_PARALLEL, LlamaSettings())
+
+
+def test_the_fake_engine_has_one_slot_by_default(tmp_path):
+    text = (
+        "models:\n  - name: a\n    engine: fake\n  - name: b\n    engine: fake\n    parallel: 3\n"
+    )
+    a, b = load_models(write(tmp_path / "models.yaml", text))
+    assert (a.slots, b.slots) == (1, 3)
+
+
+def test_the_llama_block_mirrors_the_engines_settings():
+    """models.yaml's `llama:` and nodes.engine.LlamaSettings cannot drift apart."""
+    assert set(Llama.model_fields) == set(LlamaSettings.__dataclass_fields__)
+    assert Llama().settings() == LlamaSettings()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "models:\n  - name: a\n    parallel: 0\n",
+            "models.yaml:3: models[0].parallel: Input should be greater than or equal to 1",
+        ),
+        (
+            f"models:\n  - name: a\n    parallel: {MAX_PARALLEL + 1}\n",
+            f"models.yaml:3: models[0].parallel: Input should be less than or equal to "
+            f"{MAX_PARALLEL}",
+        ),
+        (
+            "models:\n  - name: a\n    llama:\n      flash_attn: off\n      kv_cache_type: q8_0\n",
+            "models.yaml:5: models[0].llama.kv_cache_type: a q8_0 KV cache needs flash "
+            "attention (llama.cpp refuses a quantized V cache without it): set flash_attn to "
+            "auto or on, or use f16",
+        ),
+        (
+            "models:\n  - name: a\n    llama:\n      kv_cache_type: q5_1\n",
+            "models.yaml:4: models[0].llama.kv_cache_type: Input should be 'f16', 'q8_0' or "
+            "'q4_0' (got 'q5_1')",
+        ),
+        (
+            "models:\n  - name: a\n    llama:\n      flash_attn: maybe\n",
+            "models.yaml:4: models[0].llama.flash_attn: Input should be 'auto', 'on' or 'off'",
+        ),
+        (
+            "models:\n  - name: a\n    llama:\n      batch: 256\n      ubatch: 512\n",
+            "models.yaml:5: models[0].llama.ubatch: ubatch (512) must be at most batch (256)",
+        ),
+        (
+            "models:\n  - name: a\n    llama:\n      batch: 0\n",
+            "models.yaml:4: models[0].llama.batch: Input should be greater than or equal to 1",
+        ),
+        (
+            "models:\n  - name: a\n    llama:\n      mmap: true\n      n_gpu_layers: 10\n",
+            "models.yaml:5: models[0].llama.n_gpu_layers: unknown setting",
+        ),
+        (
+            "models:\n  - name: a\n    llama:\n      mlock: sometimes\n",
+            "models.yaml:4: models[0].llama.mlock: Input should be a valid boolean",
+        ),
+        (
+            "models:\n  - name: a\n    threads: 2\n    engine_options: {flash_attn: true}\n",
+            "models.yaml:4: models[0].engine_options: engine_options are for the fake engine "
+            "(got flash_attn); llama.cpp takes `parallel` and a `llama:` block",
+        ),
+        (
+            "models:\n  - name: a\n    engine: llama.cpp\n    engine_options:\n      n_batch: 8\n",
+            "models.yaml:4: models[0].engine_options: engine_options are for the fake engine "
+            "(got n_batch)",
+        ),
+    ],
+)
+def test_slot_and_llama_mistakes_name_their_line(tmp_path, text, message):
+    (error,) = errors_of(tmp_path, text)
+    assert message in error
+    assert error.startswith(str(tmp_path / "models.yaml") + ":")
+
+
+def test_a_default_ubatch_above_a_smaller_batch_is_clamped_not_refused(tmp_path):
+    text = "models:\n  - name: a\n    llama: {batch: 128}\n"
+    (spec,) = load_models(write(tmp_path / "models.yaml", text))
+    assert (spec.llama.batch, spec.llama.ubatch) == (128, 512)  # context_shape takes 128
