@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -352,10 +353,16 @@ class LlamaCppEngine:
         produced = 0
         reason: FinishReason = "length"
         hit_stop_sequence = False
-        self._batcher.submit(job)
+        batcher = self._batcher
+        batcher.submit(job)
         try:
             while True:
-                item = job.out.get()
+                try:
+                    item = job.out.get(timeout=1.0)
+                except queue.Empty:
+                    if batcher.alive:
+                        continue
+                    raise EngineFailure("the engine stopped while a request waited") from None
                 if isinstance(item, End):
                     reason = "cancelled" if item.reason == "cancelled" else item.reason  # type: ignore[assignment]
                     break
@@ -429,8 +436,11 @@ class LlamaCppEngine:
                 raise InvalidRequest(f"Input {i} is empty.", param=f"input.{i}")
             inputs.append(ids)
         job = EmbedJob(inputs)
-        self._batcher.submit(job)
-        job.done.wait()
+        batcher = self._batcher
+        batcher.submit(job)
+        while not job.done.wait(1.0):
+            if not batcher.alive:
+                raise EngineFailure("the engine stopped while an embedding waited")
         if job.error is not None:
             raise job.error
         assert job.vectors is not None
