@@ -229,13 +229,19 @@ class ServeBackend:
         return routes
 
     async def _pick(
-        self, model: str, avoid: frozenset[str] = frozenset(), conversation: str | None = None
+        self,
+        model: str,
+        avoid: frozenset[str] = frozenset(),
+        conversation: tuple[str, bool] | None = None,
     ) -> tuple[str, DeploymentHandle]:
         """The placement of ``model`` to send a request to; ``Overloaded`` if all are full.
 
         Placements in ``avoid``, and those that failed a request lately, are taken only
         when no other placement of the model is left. A ``conversation`` goes back where
-        it went last, within the affinity bound (``routing.with_affinity``)."""
+        it went last, within the affinity bound (``routing.with_affinity``), once it has
+        earlier turns to reuse: ``conversation`` is its key and whether it follows a turn
+        already answered. A first turn goes to the least-loaded placement, which is
+        remembered for the turns after it."""
         routes = await self._current_routes(model)
         now = time.monotonic()
         healthy = [r for r in routes if r.app not in avoid and self._failed.get(r.app, 0) < now]
@@ -243,10 +249,12 @@ class ServeBackend:
         candidates = [merge_load(r, self._in_flight.get(r.app, 0), self.origin) for r in routes]
         chosen = self._router.choose(candidates)
         if conversation is not None and self._prefix_routing:
-            chosen = with_affinity(candidates, chosen, self._affinity.get(conversation))
+            key, follows = conversation
+            if follows:  # a first turn has nothing cached worth waiting for
+                chosen = with_affinity(candidates, chosen, self._affinity.get(key))
             if chosen is not None:
-                self._affinity[conversation] = chosen.app
-                self._affinity.move_to_end(conversation)
+                self._affinity[key] = chosen.app
+                self._affinity.move_to_end(key)
                 if len(self._affinity) > AFFINITY_ENTRIES:
                     self._affinity.popitem(last=False)
         if chosen is None:
@@ -320,7 +328,7 @@ class ServeBackend:
         placement, unseen by the caller; once text has come, it fails with the replica. A
         request whose replica dies twice fails with ``ModelCrashed``."""
         avoid: set[str] = set()
-        conversation = _conversation(model, request)
+        conversation = (_conversation(model, request), _follows(request))
         admitted = False  # the caller has had its [Admitted]
         deaths = 0  # replica processes that died on this request
         while True:
@@ -477,3 +485,11 @@ def _conversation(model: str, request: GenerateRequest) -> str:
     else:
         turns = [request.prompt or ""]
     return conversation_key(normalize_name(model), turns)
+
+
+def _follows(request: GenerateRequest) -> bool:
+    """Whether ``request`` continues a conversation: a message after its first user turn
+    (the earlier answer and what came since are what a placement may hold cached)."""
+    messages = request.messages or ()
+    first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages))
+    return first_user < len(messages) - 1

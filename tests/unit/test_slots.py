@@ -109,3 +109,18 @@ def test_every_turn_of_a_conversation_has_the_same_key_and_others_differ():
     assert _conversation("m", turn1) == _conversation("m", turn2)
     assert _conversation("m", turn1) != _conversation("m", other)
     assert _conversation("m", turn1) != _conversation("n", turn1)
+
+
+def test_only_a_turn_after_an_answer_follows_its_conversation():
+    """Two people who both open with "hi" are not one conversation worth queueing for:
+    affinity starts once a turn has an answer before it."""
+    from deployments.backend import _follows
+    from nodes.engine import ChatMessage, GenerateRequest
+
+    system = ChatMessage("system", "You are terse.")
+    hi = ChatMessage("user", "Hi")
+    assert not _follows(GenerateRequest(messages=(hi,)))
+    assert not _follows(GenerateRequest(messages=(system, hi)))
+    assert not _follows(GenerateRequest(prompt="Hi"))
+    answered = (system, hi, ChatMessage("assistant", "Hello."), ChatMessage("user", "And?"))
+    assert _follows(GenerateRequest(messages=answered))
