@@ -78,8 +78,8 @@ def test_corral_serve_serves_the_starter_model_and_stops_cleanly(tmp_path):
         )
         assert ps.returncode == 0, ps.stderr
         header, row = ps.stdout.splitlines()[:2]
-        assert header.split()[:5] == ["MODEL", "NODE", "REPLICAS", "IN", "FLIGHT"]
-        assert row.split()[:4] == ["smollm2:135m", socket.gethostname(), "1", "0"]
+        assert header.split()[:5] == ["MODEL", "NODE", "REPLICAS", "SLOTS", "USED"]
+        assert row.split()[:4] == ["smollm2:135m", socket.gethostname(), "1", "0/4"]
         assert " in 4m" in row or " in 5m" in row, row  # keep_alive 5m counts down
         rows = json.loads(
             subprocess.run(

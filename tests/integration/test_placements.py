@@ -111,7 +111,7 @@ def test_plan_lists_what_apply_would_add_and_changes_nothing(corral, homelab, fi
 
     text = corral_cli(homelab, "plan", "-f", str(files["v1"]))
     assert text.returncode == 0, text.stderr
-    assert "+ smol-a:latest on nas: 1 replica, context 1024, 1 threads, CPU" in text.stdout
+    assert "+ smol-a:latest on nas: 1 replica, context 1024, 4 slots, 1 threads, CPU" in text.stdout
     assert "Plan: 3 to add, 0 to change, 0 to remove." in text.stdout
 
 

@@ -243,7 +243,8 @@ def test_keep_alive_zero_in_the_request_unloads_right_after_it(corral, client, a
 
 # -- 4. eviction ---------------------------------------------------------------------
 
-EV_CONTEXT = 32000  # ~1.7 GiB a replica: the nas (5.6 GiB) holds three, not four
+EV_CONTEXT = 64000  # ~1.7 GiB a replica: the nas (5.6 GiB) holds three, not four
+EV_HUGE = 300_000  # ~6.9 GiB: more than the nas offers even when empty
 
 
 @pytest.fixture
@@ -261,7 +262,7 @@ def nas_fits(corral, starter_path) -> None:
     info = read_gguf(starter_path)
     one = estimate_memory(info, EV_CONTEXT, gpu_layers=0).ram
     assert 3 * one + others <= nas["ram_offered"] < 4 * one, (one, others, nas["ram_offered"])
-    huge = estimate_memory(info, 120_000, gpu_layers=0).ram
+    huge = estimate_memory(info, EV_HUGE, gpu_layers=0).ram
     assert huge > nas["ram_offered"]
 
 
@@ -274,7 +275,7 @@ def test_lru_idle_model_is_evicted_and_a_pinned_one_never(corral, client, apply,
             fake_model("ev-a", **common),
             fake_model("ev-b", **common),
             fake_model("ev-c", **common),
-            fake_model("ev-huge", **{**common, "context": "120000"}),
+            fake_model("ev-huge", **{**common, "context": str(EV_HUGE)}),
         )
     )
     since = time.time()

@@ -26,9 +26,16 @@ MODEL = "smollm2:135m"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 LONG_REQUEST = {
     "model": MODEL,
-    "messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}],
+    # The starter model's greedy answer to this runs to the limit (it stops early on
+    # "Count from 1 to 2000"): ~30 s of generation if nobody stopped it.
+    "messages": [
+        {
+            "role": "user",
+            "content": "Write the numbers from 1 to 2000, separated by commas, on one line.",
+        }
+    ],
     "temperature": 0,
-    "max_tokens": 1900,  # ~30 s of generation if nobody stopped it
+    "max_tokens": 1900,
 }
 
 
@@ -115,25 +122,49 @@ def test_client_giving_up_on_a_whole_answer_frees_the_replica(client, corral):
     assert after.finished == before.finished  # it was stopped, not run to the end
 
 
-def test_concurrent_requests_queue_first_come_first_served(client, corral):
-    """A replica runs one generation at a time; later requests wait, none is cancelled."""
+def test_a_replica_decodes_its_slots_together_and_queues_the_rest(client, corral):
+    """The real engine runs as many requests at once as its replica has slots, decoding
+    them together; one more waits for a slot and starts when one frees."""
+    [running] = [
+        m for m in httpx.get(f"{corral.url}/api/ps").json()["models"] if m["name"] == MODEL
+    ]
+    [placement] = running["placements"]
+    slots = placement["slots"]
+    assert slots >= 2, placement
+    first_token: dict[int, float] = {}
+    ended: dict[int, float] = {}
 
-    def one(i: int) -> tuple[int, float, dict]:
-        time.sleep(0.3 * i)  # arrive in order 0, 1, 2, 3
+    def one(i: int) -> dict:
+        time.sleep(0.2 * i)  # arrive in order
         body = {
-            **LONG_REQUEST,
-            "max_tokens": 40,
-            "messages": [{"role": "user", "content": f"Story {i}."}],
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"Write a long story about dragon {i}."}],
+            "temperature": 0,
+            "max_tokens": 60,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
-        r = httpx.post(f"{corral.url}/v1/chat/completions", json=body, timeout=120)
-        return i, time.monotonic(), r.json()
+        chunks = []
+        with httpx.stream("POST", f"{corral.url}/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                chunks.append(chunk)
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    first_token.setdefault(i, time.monotonic())
+        ended[i] = time.monotonic()
+        return chunks[-1]
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(one, range(4)))
-    assert all(body["choices"][0]["finish_reason"] in ("stop", "length") for _, _, body in results)
-    assert all(body["choices"][0]["message"]["content"] for _, _, body in results)
-    finished_order = [i for i, _, _ in sorted(results, key=lambda r: r[1])]
-    assert finished_order == [0, 1, 2, 3]
+    with concurrent.futures.ThreadPoolExecutor(slots + 1) as pool:
+        lasts = list(pool.map(one, range(slots + 1)))
+    assert all(last["usage"]["completion_tokens"] == 60 for last in lasts), lasts
+    together, extra = range(slots), slots
+    # every slot's request had its first token before any of them was done ...
+    assert max(first_token[i] for i in together) < min(ended[i] for i in together)
+    # ... and the one beyond the slots began only once a slot was free
+    assert first_token[extra] > min(ended[i] for i in together)
+    assert replica_stats().pending == 0
 
 
 def test_a_replica_dying_mid_stream_ends_the_stream_with_one_error_event(corral, client):
