@@ -23,7 +23,13 @@ from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
 from nodes import cpu_kernels
 from nodes.agent import LABEL_CPU_KERNELS, LABEL_NODE, LABEL_ROLE, NodeRecord
-from nodes.rayenv import SYSTEM_CONFIG, ensure_token, token_path, use_in_this_process
+from nodes.rayenv import (
+    SYSTEM_CONFIG,
+    ensure_token,
+    loopback_only,
+    token_path,
+    use_in_this_process,
+)
 
 
 class StartupError(Exception):
@@ -139,9 +145,14 @@ def join_cluster(address: str, settings: CorralSettings, *, quiet: bool = False)
     if not token.is_file() and not os.environ.get("RAY_AUTH_TOKEN"):
         raise StartupError(f"no cluster token at {token}: copy the head's token file there")
     use_in_this_process(token)
+    # the cluster of a corral serve alone on this box listens on loopback: join it there
+    record = NodeRecord.read(settings.state_path)
+    alone = record is not None and record.kind == "serve" and record.address == address
+    node_ip = loopback_only() if alone else None
     try:
         ray.init(
             address=address,
+            _node_ip_address=node_ip,
             namespace=NAMESPACE,
             logging_level="error" if quiet else "warning",
             log_to_driver=not quiet,
@@ -167,6 +178,7 @@ def _init_ray(settings: CorralSettings) -> bool:
     kernels = cpu_kernels.current()  # probed once per box, then cached; replicas reuse it
     ray.init(
         address="local",  # a new cluster, never one Ray finds running on this box
+        _node_ip_address=loopback_only(),  # nothing of it faces the network
         namespace=NAMESPACE,
         include_dashboard=settings.dashboard,
         dashboard_host="127.0.0.1",

@@ -29,7 +29,7 @@ from deployments.auth import Keyring
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ServeBackend
 from deployments.routing import Strategy
 from nodes.logs import setup_logging
-from nodes.rayenv import node_api_key
+from nodes.rayenv import node_api_key, serve_replica_on_loopback
 from nodes.store import Store
 
 log = logging.getLogger("corral.ingress")
@@ -79,6 +79,7 @@ class Ingress:
 
     async def __init__(self, config: IngressConfig) -> None:
         setup_logging(config.log_level)
+        serve_replica_on_loopback()
         backend = ServeBackend(
             config.controller,
             config.namespace,

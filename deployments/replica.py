@@ -49,6 +49,7 @@ from nodes.engine import (
 from nodes.errors import CorralError
 from nodes.locate import locate
 from nodes.logs import setup_logging
+from nodes.rayenv import serve_replica_on_loopback
 
 log = logging.getLogger("corral.replica")
 
@@ -329,6 +330,7 @@ class ServedReplica(ModelReplica):
 
     async def __init__(self, spec: EngineSpec, options: ReplicaOptions) -> None:
         setup_logging(options.log_level)
+        serve_replica_on_loopback()
         # Before anything native runs: a crash from here on leaves a note, and the notes of
         # this placement's processes that crashed before this one are reported.
         self._notes = CrashNotes(notes_dir(serve.get_replica_context().app_name))

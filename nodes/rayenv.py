@@ -5,6 +5,8 @@
 * Serve tuning for small boxes (measured on 2 cores, see deployments/).
 * Faster detection of dead nodes than Ray's defaults (~25 s), so the cluster
   view shows a box that was unplugged as down within seconds.
+* On a box alone (``corral serve`` without a cluster), loopback only: every
+  Ray process binds 127.0.0.1 (``loopback_only``).
 
 Ray reads ``RAY_AUTH_MODE`` and the token when it is imported and caches
 both, so in a process that already imported Ray, ``use_in_this_process``
@@ -79,6 +81,47 @@ def use_in_this_process(token: Path) -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def loopback_only() -> str:
+    """Make the Ray processes this process starts or joins use 127.0.0.1 as the node's
+    address, and return it (for ``ray.init(_node_ip_address=...)``).
+
+    Ray binds its gRPC servers (GCS, raylet, workers), its agents and its metrics
+    endpoints to all interfaces unless the node's address is loopback, and it turns
+    a given 127.0.0.1 into the box's LAN address unless clusters are "disabled", as
+    it does on macOS and Windows: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` says so to the
+    processes it starts. Ray read that variable when this process imported it, so
+    its cached value is set here too (checked by tests/integration/test_cli.py,
+    which lists every socket a single-box ``corral serve`` listens on)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return "127.0.0.1"
+
+
+def serve_replica_on_loopback() -> None:
+    """In a replica of a loopback-only cluster (``loopback_only``): Serve's
+    inter-deployment gRPC server binds 127.0.0.1 too. Serve 2.60 hard-codes "[::]:0"
+    for it (token-authenticated, but facing the LAN on a box that has no reason to);
+    its port is all Serve keeps of the address. Call before the replica finishes
+    initializing; nothing changes where Ray runs as a cluster."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    from ray.serve._private import replica as serve_replica
+
+    add_port = serve_replica.add_port_to_grpc_server
+    if getattr(add_port, "loopback", False):
+        return
+
+    def on_loopback(server, address: str) -> int:
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.removeprefix("[::]:")
+        return add_port(server, address)
+
+    on_loopback.loopback = True  # type: ignore[attr-defined]
+    serve_replica.add_port_to_grpc_server = on_loopback
 
 
 def cluster_token() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -24,6 +25,27 @@ CORRAL = str(Path(sys.executable).with_name("corral"))
 def ray_core_pids() -> set[int]:
     names = {"gcs_server", "raylet"}
     return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in names}
+
+
+def listening(pid: int) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every socket that ``pid`` and its descendants
+    (Ray's GCS, raylet, agents, workers and replicas) listen on."""
+    root = psutil.Process(pid)
+    found = set()
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            sockets = p.net_connections(kind="inet")
+            name = p.name()
+        except psutil.Error:
+            continue  # gone meanwhile
+        found |= {(c.laddr.ip, c.laddr.port, name) for c in sockets if c.status == "LISTEN"}
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
 
 
 def corral_env(tmp_path: Path, port: int) -> dict[str, str]:
@@ -92,6 +114,21 @@ def test_corral_serve_serves_the_starter_model_and_stops_cleanly(tmp_path):
         assert [(r["model"], r["in_flight"], r["pinned"]) for r in rows] == [
             ("smollm2:135m", 0, False)
         ]
+        # A box alone faces nothing beyond loopback: not the API (CORRAL_HOST says
+        # 127.0.0.1), not Ray's GCS, raylet, agents, metrics, workers or replicas.
+        sockets = listening(proc.pid)
+        assert ("127.0.0.1", port) in {(ip, p) for ip, p, _ in sockets}, sockets
+        assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sockets
+        assert [s for s in sockets if not is_loopback(s[0])] == []
+        # ... and a command that joins its cluster still finds it there.
+        nodes = subprocess.run(
+            [CORRAL, "nodes", "--json"],
+            env=corral_env(tmp_path, port),
+            capture_output=True,
+            text=True,
+        )
+        assert nodes.returncode == 0, nodes.stderr
+        assert [n["name"] for n in json.loads(nodes.stdout)] == [socket.gethostname()]
         # The Ray token lives in the state dir, readable by its owner only.
         token = tmp_path / "state" / "ray-token"
         assert token.stat().st_mode & 0o777 == 0o600
