@@ -235,6 +235,16 @@ def test_the_installed_corral_takes_the_config(provisioned):
     assert "--min-worker-port=10002" in ray_start and "--max-worker-port=19999" in ray_start
 
 
+def test_the_roles_pin_every_port_a_node_can_pin():
+    """A port setting Corral gains must reach the roles (and so the firewall) too."""
+    from nodes.agent import NodeSettings
+
+    settings = {n for n in NodeSettings.model_fields if n == "port" or n.endswith("_port")}
+    defaults = yaml.safe_load((ANSIBLE / "roles/corral/defaults/main.yml").read_text())
+    assert set(defaults["corral_ray_ports"]) == settings
+    assert {k: v for k, v in defaults["corral_ray_ports"].items() if k in PINNED} == PINNED
+
+
 def dropped_ports(nft: str) -> set[str]:
     """The ports of the rule that drops Ray's ports from everyone else."""
     (ports,) = re.findall(r"tcp dport \{ ([^}]*) \} drop", nft)
