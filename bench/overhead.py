@@ -287,14 +287,24 @@ def sse_stack(url: str) -> Callable[[str, int], Stream]:
             # llama_cpp.server defaults to 1.1; the library (and so the reference) to 1.0.
             "repeat_penalty": 1.0,
         }
-        started = time.perf_counter()
-        try:
-            with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
-                if r.status_code != 200:
-                    return Stream(error=f"HTTP {r.status_code}")
-                return measure(_sse_pieces(r.iter_lines()), started, n_tokens)
-        except (httpx.HTTPError, StreamError) as exc:
-            return Stream(error=f"{type(exc).__name__}: {exc}")
+        for attempt in (1, 2):
+            started = time.perf_counter()
+            answered = False
+            try:
+                with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                    answered = True
+                    if r.status_code != 200:
+                        return Stream(error=f"HTTP {r.status_code}")
+                    return measure(_sse_pieces(r.iter_lines()), started, n_tokens)
+            except httpx.RemoteProtocolError as exc:
+                # Still, a kept-alive connection closed by the server just as it was
+                # reused fails before any answer (seen with llama-server): the request
+                # never ran, so it is sent again once, on a new connection, and timed anew.
+                if answered or attempt == 2:
+                    return Stream(error=f"{type(exc).__name__}: {exc}")
+            except (httpx.HTTPError, StreamError) as exc:
+                return Stream(error=f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable")
 
     return run
 
