@@ -105,8 +105,8 @@ def serve_replica_on_loopback() -> None:
     """In a replica of a loopback-only cluster (``loopback_only``): Serve's
     inter-deployment gRPC server binds 127.0.0.1 too. Serve 2.60 hard-codes "[::]:0"
     for it (token-authenticated, but facing the LAN on a box that has no reason to);
-    its port is all Serve keeps of the address. Call before the replica finishes
-    initializing; nothing changes where Ray runs as a cluster."""
+    Serve tells callers its port beside the node's address, 127.0.0.1 here. Call before
+    the replica finishes initializing; nothing changes where Ray runs as a cluster."""
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
         return
     from ray.serve._private import replica as serve_replica
