@@ -16,7 +16,7 @@ from cluster.cli import ConfigOption, app, console, fail, load
 from cluster.cli_nodes import StateDirOption
 
 if TYPE_CHECKING:
-    from cluster.controller import PlanReport
+    from cluster.plan_report import PlanReport
     from cluster.settings import CorralSettings
     from cluster.spec import ModelSpec
 
@@ -135,26 +135,20 @@ def _ask(settings: CorralSettings, method: str, specs: list[ModelSpec]) -> PlanR
 
 
 def _print_plan(out: Console, report: PlanReport, file: Path, *, applied: bool = False) -> None:
-    from cluster.planner import describe_placement
+    from cluster.plan_report import change_detail, label
 
     for change in report.changes:
         style = _OP_STYLE[change.op]
-        label = f"{change.placement.model} on {change.placement.node}"
-        if change.op == "~":
-            detail = change.describe().split(": ", 1)[1]
-            detail += " (reloads)" if change.reload else ""
-        elif change.op == "+":
-            detail = describe_placement(change.placement)
-        else:
-            detail = "stops"
-        if applied and label in report.failed:
-            out.print(f"[red]✗ {escape(label)}[/]: failed: {escape(report.failed[label])}")
+        name = label(change.placement)
+        if applied and name in report.failed:
+            out.print(f"[red]✗ {escape(name)}[/]: failed: {escape(report.failed[name])}")
             continue
-        out.print(f"[{style}]{change.op} {escape(label)}[/]: {escape(detail)}", highlight=False)
+        detail = change_detail(change)
+        out.print(f"[{style}]{change.op} {escape(name)}[/]: {escape(detail)}", highlight=False)
         if change.op == "+" and change.placement.reason:
             out.print(f"    [dim]{escape(change.placement.reason)}[/]", highlight=False)
     if report.unchanged:
-        names = ", ".join(f"{p.model} on {p.node}" for p in report.unchanged)
+        names = ", ".join(label(p) for p in report.unchanged)
         out.print(f"[dim]= unchanged: {escape(names)}[/]", highlight=False)
     for missing in report.plan.unplaced:
         out.print(
@@ -167,18 +161,9 @@ def _print_plan(out: Console, report: PlanReport, file: Path, *, applied: bool =
 
 
 def _counts(report: PlanReport, *, past: bool = False) -> str:
-    words = ("added", "changed", "removed") if past else ("to add", "to change", "to remove")
-    counts = [
-        sum(
-            c.op == op and f"{c.placement.model} on {c.placement.node}" not in report.failed
-            for c in report.changes
-        )
-        for op in ("+", "~", "-")
-    ]
-    text = ", ".join(f"{n} {w}" for n, w in zip(counts, words, strict=True))
-    if report.failed:
-        text += f", {len(report.failed)} failed"
-    return text
+    from cluster.plan_report import counts
+
+    return counts(report, past=past)
 
 
 def _as_dict(report: PlanReport) -> dict:

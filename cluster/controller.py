@@ -35,7 +35,7 @@ import re
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,12 @@ from cluster import crashloop, eviction
 from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
 from cluster.inventory import InventoryMonitor, NodeStatus
 from cluster.library import Library
+from cluster.plan_report import PlanReport, label, report_view
 from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
 from cluster.settings import CorralSettings
-from cluster.spec import ModelSpec, Replicas
+from cluster.spec import ModelSpec, Replicas, dump_models, parse_models
 from cluster.state import STATE_FILE, SavedState, load_state, save_state
+from cluster.yamlfile import ConfigError
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ROUTES_TTL
 from deployments.replica import (
     REPORT_HEARTBEAT,
@@ -81,6 +83,7 @@ TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
 # A replica's load report older than this is from a replica that is gone.
 REPORT_STALE = 3 * REPORT_HEARTBEAT + 1.0
 EVENTS_KEPT = 500
+MODELS_FILE_NAME = "models.yaml"  # what errors call a models file sent as text
 # How often placements lost with a node that fit nowhere are tried again (also whenever a
 # node joins).
 REPLACE_RETRY = 30.0
@@ -108,16 +111,6 @@ def actor_options(p: Placement) -> dict:
         options["resources"] = {VRAM_RESOURCE: math.ceil(p.vram / MIB)}
         options["runtime_env"] = {"env_vars": dict(SEE_ALL_GPUS)}
     return options
-
-
-@dataclass(frozen=True)
-class PlanReport:
-    """What applying a models file would do (``corral plan``), or did (``corral apply``)."""
-
-    plan: Plan
-    changes: list[Change]
-    unchanged: list[Placement]
-    failed: dict[str, str] = field(default_factory=dict)  # "model on node" -> why it did not load
 
 
 class Controller:
@@ -279,7 +272,7 @@ class Controller:
             return
         failed = await self._execute(changes)
         for c in changes:
-            if _label(c.placement) not in failed:
+            if label(c.placement) not in failed:
                 self._event(
                     "scale_up", d.model, c.placement.node, d.reason, DECISION_CATEGORY[d.op]
                 )
@@ -482,7 +475,7 @@ class Controller:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(saved.saved_at)),
             len(self._declared),
             len(adopted),
-            f" ({', '.join(_label(p) for p in adopted)})" if adopted else "",
+            f" ({', '.join(label(p) for p in adopted)})" if adopted else "",
         )
 
     async def _reapply(self) -> None:
@@ -493,7 +486,7 @@ class Controller:
                 report = await self._plan(self._wanted(list(self._declared.values())))
                 failed = await self._execute(report.changes)
             for change in report.changes:
-                why = failed.get(_label(change.placement))
+                why = failed.get(label(change.placement))
                 log.info("recover: %s%s", change.describe(), f" FAILED: {why}" if why else "")
         except Exception:  # noqa: BLE001 - the next apply or request tries again
             log.exception("applying the recovered models file failed")
@@ -569,14 +562,14 @@ class Controller:
         failed = await self._execute(changes)
         for c in changes:
             model, node = c.placement.key
-            if _label(c.placement) in failed:
+            if label(c.placement) in failed:
                 continue
             added = c.after.replicas - (c.before.replicas if c.before else 0)
             was = trim_lost(self._lost, model, added)
             self._event("replace", model, node, f"in place of {was} (node lost)", "node_lost")
         for model in sorted({model for model, _ in self._lost}):
             missing = next((u for u in result.unplaced if u.model == model), None)
-            failures = [why for c in changes for why in [failed.get(_label(c.placement))] if why]
+            failures = [why for c in changes for why in [failed.get(label(c.placement))] if why]
             why = "; ".join(failures) or (missing.reason if missing else "no node can take it")
             if self._not_replaced.get(model) != why:  # said once, not at every retry
                 self._not_replaced[model] = why
@@ -855,13 +848,30 @@ class Controller:
             failed = await self._execute(report.changes)
         await self._save()
         for change in report.changes:
-            key = _label(change.placement)
+            key = label(change.placement)
             log.info(
                 "apply: %s%s", change.describe(), f" FAILED: {failed[key]}" if key in failed else ""
             )
         for missing in report.plan.unplaced:
             log.warning("apply: %s not placed: %s", missing.model, missing.reason)
         return PlanReport(report.plan, report.changes, report.unchanged, failed)
+
+    # -- the models file as text (the dashboard's plan editor) ------------------
+
+    async def models_file(self) -> str:
+        """The applied models file, written out from its specs."""
+        await self._started()
+        return dump_models(list(self._declared.values()))
+
+    async def plan_file(self, text: str, *, apply: bool = False) -> dict[str, Any]:
+        """``plan`` (or ``apply``) of a models file's ``text``, as ``report_view`` shows it;
+        a mistake in the file is an ``InvalidRequest`` naming its line."""
+        try:
+            specs = parse_models(text, MODELS_FILE_NAME, Path.cwd())
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc)) from None
+        report = await (self.apply(specs) if apply else self.plan(specs))
+        return report_view(report, applied=apply)
 
     # -- planning --------------------------------------------------------------
 
@@ -1103,10 +1113,10 @@ class Controller:
         finally:
             self._starting.difference_update(app_name_for(*p.key) for p in starting)
         for p in starting:
-            label = _label(p)
-            if label in failed:
+            name = label(p)
+            if name in failed:
                 await asyncio.to_thread(serve.delete, app_name_for(*p.key))
-                log.error("placement %s failed: %s", label, failed[label])
+                log.error("placement %s failed: %s", name, failed[name])
             else:
                 self._placements[p.key] = p
                 self._ready_at.setdefault(p.key, time.monotonic())
@@ -1123,7 +1133,7 @@ class Controller:
             for app, p in list(apps.items()):
                 state = status.applications.get(app)
                 if alive and p.node not in alive:  # its replicas can never start
-                    failed[_label(p)] = f"{p.node} left the cluster while it loaded"
+                    failed[label(p)] = f"{p.node} left the cluster while it loaded"
                     del apps[app]
                 elif state is None:
                     continue
@@ -1131,16 +1141,16 @@ class Controller:
                     del apps[app]
                 elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                     why = _last_line(_status_message(state))  # a crash: "ActorDiedError()"
-                    failed[_label(p)] = self._crash_loop_reason(app, p.node, 1) or why
+                    failed[label(p)] = self._crash_loop_reason(app, p.node, 1) or why
                     del apps[app]
                 elif (why := self._crash_loop_reason(app, p.node)) is not None:
-                    failed[_label(p)] = why  # Serve would try it again and again
+                    failed[label(p)] = why  # Serve would try it again and again
                     del apps[app]
             if apps and time.monotonic() > deadline:
                 for app, p in apps.items():
                     state = status.applications.get(app)
                     why = _status_message(state) if state else ""
-                    failed[_label(p)] = f"not running after {self._settings.load_timeout:.0f}s" + (
+                    failed[label(p)] = f"not running after {self._settings.load_timeout:.0f}s" + (
                         f": {_last_line(why)}" if why else ""
                     )
                 break
@@ -1206,10 +1216,6 @@ def _plan_node(s: NodeStatus) -> PlanNode:
         cores=s.cpu_cores or 1,
         labels=s.labels,
     )
-
-
-def _label(p: Placement) -> str:
-    return f"{p.model} on {p.node}"
 
 
 def _grows(c: Change) -> bool:

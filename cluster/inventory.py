@@ -43,6 +43,7 @@ class NodeStatus(BaseModel):
     state: Literal["up", "down"]
     cpu_model: str | None = None
     cpu_cores: int | None = None
+    load_avg: float | None = None  # the 1-minute load average its probe saw
     ram_total: int | None = None  # bytes, the box's own
     ram_used: int | None = None
     ram_offered: int = 0  # bytes Corral may use for models (Ray's "memory")
@@ -52,6 +53,7 @@ class NodeStatus(BaseModel):
     models: list[str] = []  # models with a replica on this node
     note: str | None = None  # why it is down, why it has no GPU, ...
     checked_at: float | None = None  # when its probe last answered (epoch seconds)
+    since: float | None = None  # up: when it joined; down: when it was last heard from
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,9 @@ def merge(
         probe = probes.get(node.node_id)
         last_answer = probe.at if probe else first_seen.get(node.node_id, now)
         state, note = node_state(node.alive, now - last_answer, stale_after)
-        rows.append(_status(node, probe, models.get(node.node_id, []), state, note))
+        row = _status(node, probe, models.get(node.node_id, []), state, note)
+        row.since = first_seen.get(node.node_id) if state == "up" else last_answer
+        rows.append(row)
     return sorted(rows, key=lambda r: (r.role != "head", r.name, r.state != "up"))
 
 
@@ -131,6 +135,7 @@ def _status(
     if probe is not None:
         inv = probe.inventory
         status.cpu_model, status.cpu_cores = inv.cpu_model, inv.cpu_cores
+        status.load_avg = inv.load_avg
         status.ram_total, status.ram_used = inv.ram_total, inv.ram_total - inv.ram_available
         status.gpus = [
             GpuStatus(name=g.name, vram_total=g.vram_total, vram_used=g.vram_total - g.vram_free)

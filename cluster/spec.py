@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -288,8 +289,26 @@ def load_models(path: str | Path) -> list[ModelSpec]:
 
     A ``source`` that is a relative path is taken relative to the file.
     """
-    doc = yamlfile.load(path)
-    data = _resolve_sources(doc.data, Path(doc.path).parent)
+    return _models_of(yamlfile.load(path), Path(path).parent)
+
+
+def parse_models(text: str, name: str, base: Path) -> list[ModelSpec]:
+    """The model specs in ``text`` (a models file sent over the API, called ``name`` in
+    errors); a relative ``.gguf`` path is taken relative to ``base``."""
+    return _models_of(yamlfile.parse(text, name), base)
+
+
+def dump_models(specs: list[ModelSpec]) -> str:
+    """A models file that ``parse_models`` reads back as ``specs``: each setting a spec
+    gives, defaults left out."""
+    if not specs:
+        return "models: []\n"
+    models = [s.model_dump(mode="json", exclude_defaults=True) for s in specs]
+    return yaml.safe_dump({"models": models}, sort_keys=False, allow_unicode=True)
+
+
+def _models_of(doc: yamlfile.YamlDocument, base: Path) -> list[ModelSpec]:
+    data = _resolve_sources(doc.data, base)
     try:
         return list(ModelsFile.model_validate(data).models)
     except ValidationError as exc:

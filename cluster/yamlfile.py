@@ -1,6 +1,7 @@
 """YAML config files whose errors name the file, the line and the field.
 
-``load(path)`` parses a file and remembers the line of every key and list item,
+``load(path)`` parses a file (``parse(text, path)`` text that came from elsewhere, such
+as the dashboard, under the name ``path``) and remembers the line of every key and list item,
 so that pydantic's errors (which know only the field path) can be reported as
 ``file:line: field: problem`` (see ``YamlDocument.line_of``).
 """
@@ -42,6 +43,12 @@ def load(path: str | Path) -> YamlDocument:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file: {exc.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str | Path) -> YamlDocument:
+    """Parse ``text``, which must hold a mapping; errors name it ``path``."""
+    path = Path(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

@@ -21,6 +21,8 @@ from deployments.auth import Authenticate, Keyring, KeyScopedBackend
 from deployments.backend import ModelBackend
 from deployments.cluster_api import cluster_router
 from deployments.context import RequestIds, current_request, note_route
+from deployments.dashboard.feed import Feed
+from deployments.dashboard.routes import dashboard_router
 from deployments.errors import ApiError, anthropic_body, classify, openai_body
 from deployments.metrics import ApiMetrics, RequestMetrics, metrics_router
 from deployments.middleware import (
@@ -73,7 +75,8 @@ def build_api(
     app.include_router(responses_router(ResponsesServing(scoped)))
     app.include_router(anthropic_router(AnthropicServing(scoped)))
     app.include_router(ollama_router(OllamaServing(scoped)))
-    app.include_router(cluster_router(scoped))
+    app.include_router(cluster_router(scoped, Feed(backend, metrics.activity)))
+    app.include_router(dashboard_router())
     app.include_router(metrics_router(backend, metrics))
     metrics.use_routes(app.router.routes)
 

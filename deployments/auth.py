@@ -57,7 +57,12 @@ KEY_PREFIX = "corral-"
 # Paths anyone may call: the health check and the API's own documentation.
 # Anthropic's clients send the key as ``x-api-key: <key>``; taken when no Authorization is.
 API_KEY_HEADER = b"x-api-key"
-OPEN_PATHS = frozenset({"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The dashboard's page and assets are open too: they hold no data, and the page asks for a
+# key before it reads any.
+OPEN_PATHS = frozenset(
+    {"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui", "/ui/"}
+)
+OPEN_PREFIXES = ("/ui/static/",)
 
 
 class Unauthorized(CorralError):
@@ -319,7 +324,7 @@ class Authenticate(HttpMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
-        if path in OPEN_PATHS or not self.keyring.active:
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or not self.keyring.active:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
@@ -371,15 +376,13 @@ class KeyScopedBackend:
     """A ``ModelBackend`` that holds each call to what the current request's key allows.
 
     Every model a request names passes through here, so this is also where the
-    request's model is noted for metrics and logs.
+    request's model is noted for metrics and logs. Each of ``ModelBackend``'s methods is
+    written out here, with its check (``tests/unit/test_auth.py`` fails when one is
+    missing): nothing passes through unchecked by accident.
     """
 
     def __init__(self, inner: ModelBackend) -> None:
         self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        # Anything not about a model or the library (e.g. metrics) passes straight through.
-        return getattr(self._inner, name)
 
     def _use(self, model: str) -> None:
         check_model(model)
@@ -448,5 +451,24 @@ class KeyScopedBackend:
         _check_unlimited("the cluster's nodes")
         return await self._inner.cluster_nodes()
 
+    async def cluster_events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return visible(await self._inner.cluster_events(since), lambda e: str(e["model"]))
+
+    async def models_file(self) -> str:
+        _check_unlimited("the models file")
+        return await self._inner.models_file()
+
+    async def plan_models(self, text: str, apply: bool = False) -> dict[str, Any]:
+        _check_unlimited("applying a models file" if apply else "planning a models file")
+        return await self._inner.plan_models(text, apply)
+
     async def cluster_placements(self) -> list[dict[str, Any]]:
         return await self._inner.cluster_placements()  # filtered where sent, as list_models
+
+    # -- the ingress's own view: counts, not models' data --
+
+    async def cluster_metrics(self) -> dict[str, Any]:
+        return await self._inner.cluster_metrics()  # /metrics takes no key scope
+
+    def requests_in_flight(self) -> dict[tuple[str, str], int]:
+        return self._inner.requests_in_flight()

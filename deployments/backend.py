@@ -130,6 +130,20 @@ class ModelBackend(Protocol):
         """What runs where: every placement with its node, settings and memory (JSON-ready)."""
         ...
 
+    async def cluster_events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """The controller's recent events (time, kind, model, node, reason, category), oldest
+        first, from ``since`` (epoch seconds) on."""
+        ...
+
+    async def models_file(self) -> str:
+        """The applied models file, as YAML text."""
+        ...
+
+    async def plan_models(self, text: str, apply: bool = False) -> dict[str, Any]:
+        """What applying the models file ``text`` would change (``apply``: change it), as
+        ``corral plan`` says it (JSON-ready); InvalidRequest names the file's mistakes."""
+        ...
+
     # -- /metrics (deployments/metrics.py) --
 
     async def cluster_metrics(self) -> dict[str, Any]:
@@ -412,6 +426,15 @@ class ServeBackend:
 
     async def cluster_metrics(self) -> dict[str, Any]:
         return await self._controller().metrics.remote()
+
+    async def cluster_events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return await self._controller().events.remote(since)
+
+    async def models_file(self) -> str:
+        return await self._controller().models_file.remote()
+
+    async def plan_models(self, text: str, apply: bool = False) -> dict[str, Any]:
+        return await self._controller().plan_file.remote(text, apply=apply)
 
     def requests_in_flight(self) -> dict[tuple[str, str], int]:
         return {self._placed[app]: n for app, n in self._in_flight.items()}

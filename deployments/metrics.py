@@ -54,6 +54,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.backend import ModelBackend
 from deployments.context import current_request
+from deployments.dashboard.activity import Activity
 from deployments.middleware import HttpMiddleware, SentStatus
 from nodes.engine import Finished
 from nodes.models import normalize_name
@@ -158,6 +159,7 @@ class ApiMetrics:
             buckets=SPEED_BUCKETS,
             registry=self.registry,
         )
+        self.activity = Activity()  # the last minutes, for the dashboard's charts
 
     def use_routes(self, routes: list[BaseRoute]) -> None:
         """The app's routes, to label requests that never reached one (401, 404, 405).
@@ -191,6 +193,7 @@ class ApiMetrics:
 
     def first_token(self, model: str, seconds: float) -> None:
         self.time_to_first_token.labels(model_label(model)).observe(max(0.0, seconds))
+        self.activity.first_token(model_label(model), max(0.0, seconds))
 
     def finished(self, model: str, event: Finished) -> None:
         """A generation's ``Finished`` event: its tokens, and its decode speed."""
@@ -199,6 +202,7 @@ class ApiMetrics:
         self.generated_tokens.labels(label).inc(usage.completion_tokens)
         if usage.completion_tokens >= 2 and decoding > 0:  # one token has no decode time
             self.tokens_per_second.labels(label).observe((usage.completion_tokens - 1) / decoding)
+        self.activity.finished(label, usage.completion_tokens, decoding)
 
     def embedded(self, model: str, prompt_tokens: int) -> None:
         self.prompt_tokens.labels(model_label(model)).inc(prompt_tokens)

@@ -51,6 +51,7 @@ class NodeInventory(BaseModel):
     gpus: list[GpuInfo] = []
     gpu_note: str | None = None  # why there are no GPUs, when there are none
     declared: bool = False  # read from a file instead of probed
+    load_avg: float | None = None  # the box's 1-minute load average, when probed
 
     @property
     def vram_total(self) -> int:
@@ -79,6 +80,7 @@ def probe(nvml: ModuleType | Any | None = None) -> NodeInventory:
         ram_available=memory.available,
         gpus=gpus,
         gpu_note=note,
+        load_avg=load_average(),
     )
 
 
@@ -165,5 +167,11 @@ def load_inventory(path: str | Path) -> NodeInventory:
 def current_inventory() -> NodeInventory:
     """This box now: its declared inventory if ``CORRAL_INVENTORY_FILE`` is set, else a probe."""
     if declared := os.environ.get(INVENTORY_FILE_ENV):
-        return load_inventory(declared)
+        # The hardware is declared; how busy the box is can still be measured.
+        return load_inventory(declared).model_copy(update={"load_avg": load_average()})
     return probe()
+
+
+def load_average() -> float:
+    """Runnable processes averaged over the last minute (what ``uptime`` shows first)."""
+    return round(psutil.getloadavg()[0], 2)

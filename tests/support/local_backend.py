@@ -26,6 +26,8 @@ from typing import Any
 
 import psutil
 
+from cluster.spec import parse_models
+from cluster.yamlfile import ConfigError
 from deployments.replica import ModelReplica, Refused, StreamEvent
 from nodes.engine import Embeddings, EngineSpec, GenerateRequest, load_engine
 from nodes.errors import InvalidRequest, ModelNotFound
@@ -55,6 +57,8 @@ class LocalBackend:
         self.registry = dict(registry or {})
         self.blob_dir = blob_dir
         self.events: Counter[tuple[str, str, str]] = Counter()  # (kind, model, reason) -> n
+        self.event_log: list[dict[str, Any]] = []  # as the controller's ``events()``
+        self.declared = ""  # the models file "applied" (a plan here changes nothing)
 
     def replica(self, model: str, cause: str = "request") -> ModelReplica:
         """``model``'s replica, loaded now if it has none (a cold start for ``cause``)."""
@@ -62,7 +66,7 @@ class LocalBackend:
             raise ModelNotFound(model)
         if model not in self.replicas:
             self.replicas[model] = ModelReplica(load_engine(self.specs[model]))
-            self.events["load", model, cause] += 1
+            self._event("load", model, cause)
         return self.replicas[model]
 
     async def list_models(self) -> list[LocalModel]:
@@ -141,6 +145,43 @@ class LocalBackend:
                 {"kind": kind, "model": model, "node": NODE, "reason": reason, "count": n}
                 for (kind, model, reason), n in sorted(self.events.items())
             ],
+        }
+
+    def _event(self, kind: str, model: str, category: str) -> None:
+        self.events[kind, model, category] += 1
+        self.event_log.append(
+            {
+                "time": time.time(),
+                "kind": kind,
+                "model": model,
+                "node": NODE,
+                "reason": category,
+                "category": category,
+            }
+        )
+
+    async def cluster_events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return [e for e in self.event_log if e["time"] >= since]
+
+    async def models_file(self) -> str:
+        return self.declared
+
+    async def plan_models(self, text: str, apply: bool = False) -> dict[str, Any]:
+        """No planner in process: a file is read as the controller reads it (its mistakes
+        are errors with their line), then plans to no change (the cluster's own planner is
+        tested in the integration suite)."""
+        try:
+            parse_models(text, "models.yaml", Path.cwd())
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if apply:
+            self.declared = text
+        return {
+            "changes": [],
+            "unchanged": [],
+            "unplaced": [],
+            "notes": [],
+            "summary": "No changes: the cluster already runs what the file declares.",
         }
 
     def requests_in_flight(self) -> dict[tuple[str, str], int]:
@@ -233,7 +274,7 @@ class LocalBackend:
     async def unload_model(self, model: str) -> bool:
         if self.replicas.pop(model, None) is None:
             return False
-        self.events["unload", model, "asked"] += 1
+        self._event("unload", model, "asked")
         return True
 
     async def blob_file(self, digest: str) -> str | None:

@@ -97,12 +97,34 @@ REQUESTS: dict[tuple[str, str], tuple[str, str, dict | None]] = {
     ("post", "/api/blobs/{digest}"): ("POST", f"/api/blobs/{BLOB}", None),
     ("get", "/api/cluster/nodes"): ("GET", "/api/cluster/nodes", None),
     ("get", "/api/cluster/placements"): ("GET", "/api/cluster/placements", None),
+    ("get", "/api/cluster/events"): ("GET", "/api/cluster/events", None),
+    ("get", "/api/cluster/stream"): ("GET", "/api/cluster/stream?limit=1", None),
+    ("get", "/api/cluster/whoami"): ("GET", "/api/cluster/whoami", None),
+    ("get", "/api/cluster/models-file"): ("GET", "/api/cluster/models-file", None),
+    ("post", "/api/cluster/plan"): ("POST", "/api/cluster/plan", {"models_yaml": "models: []"}),
+    ("post", "/api/cluster/apply"): ("POST", "/api/cluster/apply", {"models_yaml": "models: []"}),
     ("get", "/metrics"): ("GET", "/metrics", None),
 }
 # What a key limited to model B gets on each route when it asks about model A.
-LISTS = {"/v1/models", "/api/tags", "/api/ps", "/api/cluster/placements"}
-ANY_KEY = {"/api/version", "/metrics"}  # nothing model-specific: any valid key
-LIBRARY = {"/api/pull", "/api/create", "/api/copy", "/api/delete", "/api/cluster/nodes"}
+LISTS = {
+    "/v1/models",
+    "/api/tags",
+    "/api/ps",
+    "/api/cluster/placements",
+    "/api/cluster/events",
+    "/api/cluster/stream",
+}
+ANY_KEY = {"/api/version", "/metrics", "/api/cluster/whoami"}  # nothing model-specific
+LIBRARY = {
+    "/api/pull",
+    "/api/create",
+    "/api/copy",
+    "/api/delete",
+    "/api/cluster/nodes",
+    "/api/cluster/models-file",
+    "/api/cluster/plan",
+    "/api/cluster/apply",
+}
 
 
 def blob_route(path: str) -> bool:
@@ -192,10 +214,25 @@ def test_the_matrix_covers_every_route_of_the_schema(app):
     assert routes == set(REQUESTS)
 
 
-def test_the_health_check_and_docs_stay_open(http):
-    for path in ("/", "/docs", "/openapi.json"):
+def test_the_health_check_docs_and_dashboard_page_stay_open(http):
+    for path in ("/", "/docs", "/openapi.json", "/ui", "/ui/static/app.js"):
         assert http.get(path).status_code == 200, path
     assert http.head("/").status_code == 200
+    # The open prefix holds the page's files and nothing else.
+    for path in ("/ui/static/../../api/tags", "/ui/static/nothing.js", "/ui/other"):
+        assert http.get(path).status_code in (401, 404), path
+
+
+def test_the_key_scoped_backend_writes_out_every_backend_method():
+    """A method ``ModelBackend`` gains must get its key check in ``KeyScopedBackend``:
+    nothing is passed through to the real backend unless written out there."""
+    from deployments.auth import KeyScopedBackend
+    from deployments.backend import ModelBackend
+
+    wanted = {n for n in vars(ModelBackend) if not n.startswith("_")}
+    written = {n for n in vars(KeyScopedBackend) if not n.startswith("_")}
+    assert wanted - written == set()
+    assert not hasattr(KeyScopedBackend, "__getattr__")
 
 
 @pytest.mark.parametrize("route", list(REQUESTS), ids=" ".join)

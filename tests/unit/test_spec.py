@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from cluster.spec import DEFAULT_KEEP_ALIVE, Llama, ModelSpec, load_models
+from cluster.spec import (
+    DEFAULT_KEEP_ALIVE,
+    Llama,
+    ModelSpec,
+    dump_models,
+    load_models,
+    parse_models,
+)
 from cluster.yamlfile import ConfigError
 from nodes.durations import FOREVER, format_duration, parse_duration
 from nodes.engine import DEFAULT_PARALLEL, MAX_PARALLEL, LlamaSettings
@@ -531,3 +538,16 @@ def test_a_default_ubatch_above_a_smaller_batch_is_clamped_not_refused(tmp_path)
     text = "models:\n  - name: a\n    llama: {batch: 128}\n"
     (spec,) = load_models(write(tmp_path / "models.yaml", text))
     assert (spec.llama.batch, spec.llama.ubatch) == (128, 512)  # context_shape takes 128
+
+
+def test_a_models_file_sent_as_text_reads_as_the_file_and_writes_back_the_same():
+    repo = Path(__file__).parents[2]
+    for name in ("models.yaml", "homelab.models.yaml"):
+        specs = load_models(repo / "configs" / name)
+        text = dump_models(specs)
+        assert parse_models(text, "models.yaml", repo) == specs, text
+    assert parse_models(dump_models([]), "models.yaml", repo) == []
+    with pytest.raises(ConfigError, match=r"^models.yaml:3: models\[0\].replicas.min"):
+        parse_models("models:\n  - name: a:1\n    replicas: {min: -1}\n", "models.yaml", repo)
+    with pytest.raises(ConfigError, match=r"^models.yaml:3: invalid YAML"):
+        parse_models("models:\n  - [\n", "models.yaml", repo)
