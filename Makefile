@@ -100,12 +100,14 @@ run: $(STAMP)
 test: $(STAMP) system-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The pull tests run Debian's OCI registry (docker-registry) and the Ansible test checks the
-# firewall's rules with nft (nftables); install what is missing if root may.
+# The pull tests run Debian's OCI registry (docker-registry), the Ansible test checks the
+# firewall's rules with nft (nftables) and the dashboard's tests drive Debian's chromium
+# (Playwright cannot download a browser here); install what is missing if root may.
 system-tools:
 	@missing=""; \
 	command -v docker-registry >/dev/null || missing="docker-registry"; \
 	test -x /usr/sbin/nft || command -v nft >/dev/null || missing="$$missing nftables"; \
+	test -x /usr/bin/chromium || missing="$$missing chromium"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	elif [ -n "$$missing" ]; then \
@@ -116,7 +118,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 integration: $(STAMP) system-tools
-	$(BIN)/python -m pytest tests/integration tests/compat $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/browser tests/integration tests/compat $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
