@@ -109,7 +109,8 @@ def serve(
     models = ", ".join(sorted(builtin_models()))
     console.print(
         f"Corral {corral_version()} is serving on [bold]{running.url}[/] "
-        f"(OpenAI API at {running.url}/v1). Models: {models}. Ctrl-C stops it.",
+        f"(OpenAI API at {running.url}/v1, dashboard at {running.url}/ui). Models: {models}. "
+        f"Ctrl-C stops it.",
         highlight=False,
     )
     if warning := open_api_warning(settings):

@@ -7,8 +7,8 @@ Without it the tests skip, except under ``CI``, where they fail.
 ``open_tab`` opens fresh tabs (1280x900 unless told) that record every console error
 and uncaught exception; a test fails if one of its tabs had any (Chromium's own line
 for a 4xx answer excepted: the tests provoke those). ``shoot`` saves a
-screenshot in the test's temporary folder (and, with ``CORRAL_SCREENSHOTS=DIR``,
-in ``DIR`` too: how the README's screenshots are made).
+screenshot in the test's temporary folder; with ``CORRAL_SCREENSHOTS=DIR`` the ones
+the README shows (``README_SHOTS``) are copied to ``DIR`` too.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 SCREENSHOTS_ENV = "CORRAL_SCREENSHOTS"
+README_SHOTS = {"dashboard-cluster", "dashboard-activity", "dashboard-phone"}
 CLIENT_ERROR = "Failed to load resource: the server responded with a status of 4"
 
 
@@ -88,7 +89,7 @@ def shoot(tmp_path) -> Callable[[Tab, str], Path]:
     def save(tab: Tab, name: str) -> Path:
         path = tmp_path / f"{name}.png"
         tab.page.screenshot(path=path, full_page=True)
-        if target := os.environ.get(SCREENSHOTS_ENV):
+        if (target := os.environ.get(SCREENSHOTS_ENV)) and name in README_SHOTS:
             Path(target).mkdir(parents=True, exist_ok=True)
             shutil.copy(path, Path(target) / path.name)
         return path

@@ -89,7 +89,7 @@ def test_every_box_shows_with_its_memory_and_gpus(corral, dashboard, shoot):
                 expect(card).to_contain_text(gpu["name"])
         else:
             expect(vram).to_have_count(0)
-    shoot(tab, "dashboard-cluster")
+    shoot(tab, "dashboard-boxes")
 
     phone = dashboard("cluster", viewport={"width": 390, "height": 844})
     expect(phone.page.locator(".node-card")).to_have_count(len(nodes), timeout=10_000)
@@ -115,7 +115,7 @@ def test_loading_a_model_puts_it_on_its_box_and_unload_takes_it_off(corral, dash
     expect(card.locator(".node-models li", has_text=MODEL)).to_be_visible()
     held = int(card.locator(".ram-bar").get_attribute("data-models"))
     assert held == sum(p["ram"] * p["replicas"] for p in placements(corral, MODEL).values())
-    shoot(tab, "dashboard-cluster-loaded")
+    shoot(tab, "dashboard-cluster")
 
     page.locator('a[data-tab="models"]').click()
     page.locator(f'button.unload[data-model="{MODEL}"]').click()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -171,3 +172,19 @@ def test_a_controller_that_does_not_answer_keeps_the_last_view_and_says_why():
         assert [n["name"] for n in snapshots[1]["nodes"]] == ["minipc", "gpubox"]
 
     asyncio.run(main())
+
+
+def test_the_page_refers_only_to_files_it_ships():
+    """Every /ui/static/ path in the page and every module a script imports exists in the
+    package's static folder (pyproject's package-data ships it all): nothing from a CDN."""
+    from deployments.dashboard.routes import STATIC
+
+    page = (STATIC / "index.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    wanted = set(re.findall(r'"/ui/static/([^"]+)"', page))
+    for script in STATIC.glob("*.js"):
+        text = script.read_text()
+        assert not re.search(r"""from\s+["']https?:""", text), script.name
+        wanted |= set(re.findall(r"""from\s+["']\./([^"']+)["']""", text))
+    assert "app.js" in wanted and "vendor/uplot/uPlot.iife.min.js" in wanted
+    assert sorted(w for w in wanted if not (STATIC / w).is_file()) == []
