@@ -46,7 +46,9 @@ LLAMA_AMX_ARGS := $(if $(LLAMA_NO_AMX),-DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_F
 # llamafile's tinyBLAS multiplies a batch of two or more rows in another order than one row
 # alone: a request's greedy answer would change with how many others decode beside it.
 # Without it, answers do not depend on load (ggml's own kernels take the batch).
-LLAMA_BASE_ARGS := -DGGML_LLAMAFILE=OFF
+# GGML_RPC builds llama.cpp's RPC backend (libggml-rpc): a box lends its memory to a model
+# split over several boxes (nodes/rpc.py).
+LLAMA_BASE_ARGS := -DGGML_LLAMAFILE=OFF -DGGML_RPC=ON
 LLAMA_CMAKE_ARGS ?= $(strip $(LLAMA_BASE_ARGS) $(CMAKE_ARGS) $(LLAMA_AMX_ARGS))
 # pip caches a wheel it built keyed by the sdist alone, not by CMAKE_ARGS: a changed flag
 # would silently reuse the old build. So the wheel is built without pip's cache into a

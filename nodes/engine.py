@@ -310,6 +310,16 @@ def context_shape(n_ctx: int, parallel: int, llama: LlamaSettings, *, pooled: bo
 
 
 @dataclass(frozen=True, slots=True)
+class RpcPart:
+    """Layers of a split model that another box holds and computes, through its RPC
+    worker (``nodes/rpc.py``)."""
+
+    node: str  # the box, for messages
+    endpoint: str  # its RPC worker, HOST:PORT on the cluster's network
+    layers: int  # how many of the model's layers it holds
+
+
+@dataclass(frozen=True, slots=True)
 class EngineSpec:
     """Everything needed to start an engine for one model on one box."""
 
@@ -331,6 +341,9 @@ class EngineSpec:
     # the model's); "" for a text-only model.
     projector: str = ""
     projector_digest: str = ""
+    # A split model: the layers other boxes hold, after this box's own (its CPU, and its
+    # GPUs' ``n_gpu_layers``); empty for a model this box holds whole.
+    rpc: tuple[RpcPart, ...] = ()
 
 
 class Engine(Protocol):

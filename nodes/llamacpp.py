@@ -32,7 +32,7 @@ from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import CHATML_CHAT_TEMPLATE, Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from nodes import cpu_kernels
+from nodes import cpu_kernels, rpc
 from nodes.batching import Batcher, EmbedJob, End, EngineFailure, ImageSpan, Job
 from nodes.chat_output.known_templates import effective_template
 from nodes.chat_output.plan import (
@@ -180,6 +180,8 @@ class LlamaCppEngine:
         params.use_mmap = self._spec.llama.mmap
         params.use_mlock = self._spec.llama.mlock
         params.use_extra_bufts = self.kernels.extra_bufts
+        if self._spec.rpc:
+            self._tensor_split = self._split(params)  # read by llama.cpp during the load
         try:
             return LlamaModel(path_model=self._spec.path, params=params, verbose=False)
         except (ValueError, RuntimeError, OSError) as exc:
@@ -187,6 +189,30 @@ class LlamaCppEngine:
                 f"llama.cpp could not load {self._spec.model} from {self._spec.path}: {exc}. "
                 f"The file may be truncated or corrupt, or the box may lack memory."
             ) from exc
+
+    def _split(self, params: llama_cpp.llama_model_params) -> tuple[ctypes.Array, ...]:
+        """Register the boxes that hold part of the model (``spec.rpc``) and give each its
+        layers: llama.cpp offloads the last ``n_gpu_layers`` layers to the devices it is
+        given, the RPC workers' then this box's GPUs, in the proportions of
+        ``tensor_split``. The arrays returned must live until the model is loaded."""
+        parts = self._spec.rpc
+        endpoints = [p.endpoint for p in parts]
+        rpc.add_servers(endpoints, [p.node for p in parts])
+        devices, local_gpus = rpc.offload_devices(endpoints)
+        own = self._spec.n_gpu_layers
+        shares = [float(p.layers) for p in parts]
+        shares += [own / local_gpus] * local_gpus if own and local_gpus else [0.0] * local_gpus
+        listed = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+        split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*shares)
+        params.devices = ctypes.cast(listed, ctypes.c_void_p)
+        params.tensor_split = split
+        params.n_gpu_layers = own + sum(p.layers for p in parts)
+        log.info(
+            "%s: split: %s",
+            self._spec.model,
+            ", ".join(f"{p.layers} layers on {p.node} ({p.endpoint})" for p in parts),
+        )
+        return listed, split
 
     def _open_context(self, shape: ContextShape, pooling: int) -> LlamaContext:
         llama = self._spec.llama

@@ -1,0 +1,307 @@
+"""llama.cpp's RPC backend: a box lends its memory and compute to a model whose main
+replica runs on another box (a split), and that replica reaches its lenders.
+
+Both sides are llama.cpp's own code in the installed llama-cpp-python, built with
+``-DGGML_RPC=on`` (``libggml-rpc.so`` beside ``libllama.so``), reached through
+ctypes (the header is ``ggml/include/ggml-rpc.h`` of the vendored llama.cpp):
+
+* **A lender** runs ``ggml_backend_rpc_start_server`` on this box's CPU device. That
+  call blocks for good and only SIGKILL stops it, so it runs in a process of its
+  own (``RpcServer`` starts ``python -m nodes.rpc serve ...`` and kills it). Its
+  cache directory keeps the tensors it was sent, by hash, so a reload does not send
+  the weights over the LAN again.
+* **The main replica** registers each lender as a ggml backend
+  (``ggml_backend_rpc_add_server`` + ``ggml_backend_register``: devices RPC0,
+  RPC1 ...) before it loads the model; ``n_gpu_layers`` and ``tensor_split`` then
+  put layers there as they would on GPUs.
+
+llama.cpp aborts the whole process when a lender cannot be reached or speaks
+another protocol version, so ``check_server`` says hello first, in Python, and
+raises ``RpcUnreachable`` naming the endpoint instead.
+
+The RPC server has no authentication and runs whatever graph a client sends: it
+must listen only on a cluster address, on a port the firewall opens only between
+the cluster's hosts, and only while a split needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nodes.errors import ModelLoadFailed
+
+HELLO = 14  # RPC_CMD_HELLO: the first command of every connection, in every version
+CONN_CAPS = 24  # RPC_CONN_CAPS_SIZE: the transport capabilities in a hello
+DEVICE_CPU, DEVICE_GPU = 0, 1  # GGML_BACKEND_DEVICE_TYPE_CPU, _GPU
+START_TIMEOUT = 30.0  # seconds a new server has to accept connections
+
+
+class RpcUnavailable(ModelLoadFailed):
+    """The installed llama.cpp has no RPC backend."""
+
+
+class RpcUnreachable(ModelLoadFailed):
+    """A lender does not answer, or speaks another version of the protocol."""
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    major: int
+    minor: int
+    patch: int
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}"
+
+    def serves(self, client: Version) -> bool:
+        """Whether a server of this version takes ``client`` (llama.cpp's own rule)."""
+        return self.major == client.major and self.minor <= client.minor
+
+
+def _lib_dir() -> Path:
+    import llama_cpp.llama_cpp as low
+
+    return Path(low._base_path)
+
+
+def _load(name: str) -> ctypes.CDLL:
+    path = _lib_dir() / f"lib{name}.so"
+    if not path.is_file():
+        raise RpcUnavailable(
+            f"llama-cpp-python was built without llama.cpp's RPC backend ({path} is missing): "
+            f"rebuild it with CMAKE_ARGS=-DGGML_RPC=on (make does)."
+        )
+    return ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+
+
+def available() -> bool:
+    return (_lib_dir() / "libggml-rpc.so").is_file()
+
+
+def protocol_version() -> Version:
+    """The RPC protocol of the installed llama.cpp (from the header it ships)."""
+    header = _lib_dir().parents[1] / "include" / "ggml-rpc.h"
+    text = header.read_text() if header.is_file() else ""
+    parts = [
+        re.search(rf"#define RPC_PROTO_{part}_VERSION\s+(\d+)", text)
+        for part in ("MAJOR", "MINOR", "PATCH")
+    ]
+    if not all(parts):
+        raise RpcUnavailable(f"cannot read the RPC protocol version from {header}")
+    return Version(*(int(p.group(1)) for p in parts))  # type: ignore[union-attr]
+
+
+def hello(endpoint: str, timeout: float = 5.0) -> Version:
+    """Say hello to the server at ``endpoint`` (HOST:PORT) as llama.cpp does; its version."""
+    host, _, port = endpoint.rpartition(":")
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+        sock.sendall(struct.pack("<BQ", HELLO, CONN_CAPS) + bytes(CONN_CAPS))
+        size = struct.unpack("<Q", _read(sock, 8))[0]
+        answer = _read(sock, size)
+    if size < 3:
+        raise OSError(f"a hello of {size} bytes")
+    return Version(answer[0], answer[1], answer[2])
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise OSError("the connection closed")
+        data += chunk
+    return data
+
+
+def check_server(endpoint: str, box: str = "", timeout: float = 5.0) -> Version:
+    """``endpoint``'s version if this process may use it; else ``RpcUnreachable`` with why."""
+    where = f"{box}'s RPC worker at {endpoint}" if box else f"the RPC worker at {endpoint}"
+    try:
+        version = hello(endpoint, timeout)
+    except (OSError, ValueError, struct.error) as exc:
+        raise RpcUnreachable(
+            f"{where} does not answer ({exc}): is the box up, and does the firewall let the "
+            f"cluster's hosts reach that port?"
+        ) from None
+    ours = protocol_version()
+    if not version.serves(ours):
+        raise RpcUnreachable(
+            f"{where} speaks llama.cpp RPC protocol {version}, this box {ours}: install the "
+            f"same Corral (and llama-cpp-python) on both."
+        )
+    return version
+
+
+# -- the main replica's side --------------------------------------------------------
+
+_registered: dict[str, int] = {}  # endpoint -> devices it added, in this process
+_register_lock = threading.Lock()
+
+
+def add_servers(endpoints: list[str], boxes: list[str] | None = None) -> int:
+    """Register each lender as a ggml backend of this process (once each), checked first;
+    the number of devices they add."""
+    boxes = boxes or [""] * len(endpoints)
+    rpc, ggml = _load("ggml-rpc"), _load("ggml")
+    rpc.ggml_backend_rpc_add_server.argtypes = [ctypes.c_char_p]
+    rpc.ggml_backend_rpc_add_server.restype = ctypes.c_void_p
+    ggml.ggml_backend_register.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_register.restype = None
+    total = 0
+    with _register_lock:
+        for endpoint, box in zip(endpoints, boxes, strict=True):
+            if endpoint not in _registered:
+                check_server(endpoint, box)
+                before = _device_count(ggml)
+                reg = rpc.ggml_backend_rpc_add_server(endpoint.encode())
+                if not reg:
+                    raise RpcUnreachable(f"the RPC worker at {endpoint} offers no device")
+                ggml.ggml_backend_register(reg)
+                _registered[endpoint] = _device_count(ggml) - before
+            total += _registered[endpoint]
+    return total
+
+
+def _device_count(ggml: ctypes.CDLL) -> int:
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    return ggml.ggml_backend_dev_count()
+
+
+def _devices() -> list[tuple[int, str, str, int]]:
+    """Every device llama.cpp has in this process: (handle, name, description, type)."""
+    import llama_cpp  # noqa: F401 - loads libggml with its backends registered
+
+    ggml = ctypes.CDLL(str(_lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for f in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(ggml, f).argtypes = [ctypes.c_void_p]
+        getattr(ggml, f).restype = ctypes.c_char_p
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_type.restype = ctypes.c_int
+    found = []
+    for i in range(_device_count(ggml)):
+        d = ggml.ggml_backend_dev_get(i)
+        name = (ggml.ggml_backend_dev_name(d) or b"").decode()
+        description = (ggml.ggml_backend_dev_description(d) or b"").decode()
+        found.append((d, name, description, ggml.ggml_backend_dev_type(d)))
+    return found
+
+
+def offload_devices(endpoints: list[str]) -> tuple[list[int], int]:
+    """The devices a split model offloads to, in order: the RPC workers' (``endpoints``,
+    registered by ``add_servers``), then this box's own GPUs; and how many are local.
+
+    llama.cpp's own choice when given none leaves registered RPC devices out here, so
+    the model gets this list itself (``llama_model_params.devices``)."""
+    devices = _devices()
+    remote = []
+    for endpoint in endpoints:
+        mine = [d for d, name, desc, _ in devices if name.startswith("RPC") and desc == endpoint]
+        if len(mine) != 1:
+            raise RpcUnreachable(f"the RPC worker at {endpoint} is not registered in this process")
+        remote += mine
+    local = [d for d, name, _, kind in devices if kind == DEVICE_GPU and not name.startswith("RPC")]
+    return remote + local, len(local)
+
+
+# -- a lender ---------------------------------------------------------------------------
+
+
+def serve(endpoint: str, cache_dir: str | None, threads: int) -> None:
+    """Serve this box's CPU over RPC at ``endpoint``; never returns."""
+    rpc, ggml = _load("ggml-rpc"), _load("ggml")
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    device = ggml.ggml_backend_dev_by_type(DEVICE_CPU)
+    if not device:
+        raise RpcUnavailable("llama.cpp found no CPU device to serve")
+    devices = (ctypes.c_void_p * 1)(device)
+    rpc.ggml_backend_rpc_start_server.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
+    rpc.ggml_backend_rpc_start_server.restype = None
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    rpc.ggml_backend_rpc_start_server(
+        endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, 1, devices
+    )
+    raise RpcUnavailable(f"llama.cpp's RPC server at {endpoint} stopped (see its output)")
+
+
+class RpcServer:
+    """``serve`` in a process of its own (see the module docstring), killed by ``stop``."""
+
+    def __init__(self, endpoint: str, cache_dir: str | None, threads: int, log: Path | None = None):
+        self.endpoint = endpoint
+        command = [sys.executable, "-m", "nodes.rpc", "serve", endpoint, "--threads", str(threads)]
+        if cache_dir:
+            command += ["--cache-dir", cache_dir]
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
+        try:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Return once the server answers a hello; ``RpcUnreachable`` if it died or never did."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RpcUnreachable(
+                    f"the RPC server for {self.endpoint} exited with {self.process.returncode} "
+                    f"before it answered (is the port taken?)"
+                )
+            try:
+                hello(self.endpoint, timeout=1.0)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RpcUnreachable(
+                        f"the RPC server for {self.endpoint} did not answer in {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # it ignores anything gentler
+            self.process.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nodes.rpc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serving = sub.add_parser("serve", help="serve this box's CPU over llama.cpp RPC")
+    serving.add_argument("endpoint", help="HOST:PORT to listen on (a cluster address)")
+    serving.add_argument("--cache-dir", default=None)
+    serving.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    serve(args.endpoint, args.cache_dir, args.threads)
+
+
+if __name__ == "__main__":
+    main()
