@@ -140,17 +140,20 @@ function chartOptions(width) {
     cursor: { drag: { x: false, y: false } },
     scales: {
       x: { time: true },
+      // requests/s (a few) and tokens/s (tens to hundreds) each get their own scale
+      req: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] },
       rate: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] },
       ms: { range: (u, min, max) => [0, Math.max(100, max * 1.1)] },
     },
     axes: [
       { ...axis, values: (u, splits) => splits.map(hhmm) },
-      { ...axis, scale: "rate", label: "per second", size: 46, labelSize: 18 },
+      { ...axis, scale: "rate", label: "tokens/s", size: 46, labelSize: 18 },
+      { ...axis, scale: "req", side: 1, label: "requests/s", grid: { show: false }, size: 42, labelSize: 18 },
       { ...axis, scale: "ms", side: 1, label: "TTFT ms", grid: { show: false }, size: 50, labelSize: 18 },
     ],
     series: [
       { label: "time", value: (u, v) => (v === null || v === undefined ? "–" : fmtClock(v)) },
-      line("requests/s", "rate", cssVar("--c-req", "#2f6fde"), 2),
+      line("requests/s", "req", cssVar("--c-req", "#2f6fde"), 2),
       line("tokens/s", "rate", cssVar("--c-tok", "#1a8a4a"), 1, { fill: cssVar("--c-tok-fill", "rgba(26,138,74,0.08)") }),
       line("TTFT ms", "ms", cssVar("--c-ttft", "#d9822b"), 0, { dash: [4, 3] }),
     ],
