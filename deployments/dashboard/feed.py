@@ -79,7 +79,7 @@ class Feed:
         self._task: asyncio.Task[None] | None = None
         self._latest: Snapshot | None = None
         self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
-        self.polls = 0  # how often the controller was asked (tests and the bench read it)
+        self._seq = 0  # snapshots taken, across polling tasks
 
     @property
     def listeners(self) -> int:
@@ -107,22 +107,21 @@ class Feed:
 
     def _ensure_polling(self) -> None:
         if self._task is None or self._task.done():
+            self._latest = None  # taken before the last tab closed: too old to show
             self._task = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
         """Take a snapshot every interval while anyone listens."""
-        seq = 0
         while self._listeners:
             started = time.monotonic()
-            seq += 1
-            self._latest = await self._take(seq)
+            self._seq += 1
+            self._latest = await self._take(self._seq)
             for listener in list(self._listeners):
                 listener.wake.set()
             await asyncio.sleep(max(0.0, self._interval - (time.monotonic() - started)))
         self._task = None
 
     async def _take(self, seq: int) -> Snapshot:
-        self.polls += 1
         since = self._events[-1]["time"] if self._events else 0.0
         previous = self._latest
         try:
