@@ -46,6 +46,7 @@ HELLO = 14  # RPC_CMD_HELLO: the first command of every connection, in every ver
 CONN_CAPS = 24  # RPC_CONN_CAPS_SIZE: the transport capabilities in a hello
 DEVICE_CPU, DEVICE_GPU = 0, 1  # GGML_BACKEND_DEVICE_TYPE_CPU, _GPU
 START_TIMEOUT = 30.0  # seconds a new server has to accept connections
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class RpcUnavailable(ModelLoadFailed):
@@ -251,6 +252,7 @@ class RpcServer:
     def __init__(self, endpoint: str, cache_dir: str | None, threads: int, log: Path | None = None):
         self.endpoint = endpoint
         command = [sys.executable, "-m", "nodes.rpc", "serve", endpoint, "--threads", str(threads)]
+        command += ["--parent", str(os.getpid())]  # it dies with this process
         if cache_dir:
             command += ["--cache-dir", cache_dir]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
@@ -292,6 +294,59 @@ class RpcServer:
             self.process.wait()
 
 
+class RpcLender:
+    """A box's RPC worker for one split placement. The controller runs it as a Ray actor
+    pinned to the box (its ``corral.node`` label) and holding the memory of the layers the
+    box lends, so Ray counts them; the server process lives as long as the actor and dies
+    with it (a killed actor takes its server along: see ``_die_with``).
+
+    It listens on ``host`` (the box's cluster address, never 0.0.0.0) on the first free
+    port of ``ports`` (the range the firewall opens between the cluster's hosts); tensors
+    it was sent stay in ``cache_dir``, so a reload does not send them over the LAN again.
+    """
+
+    def __init__(self, host: str, ports: tuple[int, int], cache_dir: str, threads: int) -> None:
+        first, last = ports
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        for port in range(first, last + 1):
+            if not _free(host, port):
+                continue
+            server = RpcServer(
+                f"{host}:{port}", cache_dir, threads, log=Path(cache_dir) / f"rpc-{port}.log"
+            )
+            try:
+                server.wait_ready()
+            except RpcUnreachable:  # taken meanwhile: the next one
+                server.stop()
+                continue
+            self._server = server
+            return
+        raise RpcUnavailable(f"no free port in {first}-{last} on {host} for an RPC worker")
+
+    def endpoint(self) -> str:
+        return self._server.endpoint
+
+    def pid(self) -> int:
+        """The server's process."""
+        return self._server.process.pid
+
+    def alive(self) -> bool:
+        return self._server.alive
+
+    def __del__(self) -> None:
+        if server := getattr(self, "_server", None):
+            server.stop()
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nodes.rpc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,8 +354,20 @@ def main(argv: list[str] | None = None) -> None:
     serving.add_argument("endpoint", help="HOST:PORT to listen on (a cluster address)")
     serving.add_argument("--cache-dir", default=None)
     serving.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    serving.add_argument("--parent", type=int, default=0, help="die with this process")
     args = parser.parse_args(argv)
+    if args.parent:
+        _die_with(args.parent)
     serve(args.endpoint, args.cache_dir, args.threads)
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when ``parent`` exits (Linux's parent-death signal): a worker
+    whose owner was killed must not keep lending the box to whoever connects."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the signal was set
+        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -8,45 +8,20 @@ its temporary folder (``shoot``).
 from __future__ import annotations
 
 import json
-import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from playwright.sync_api import expect
 
-from deployments.auth import KeyFile, keys_path
-from tests.conftest import simulated_node
 from tests.support.cluster import fake_model, models_file, placements, wait_for
+from tests.support.keys import keys_on
 from tests.support.oci import ollama_model, push_model, running_registry
 
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2:135m"
 LOAD_TIMEOUT = 120_000  # ms: a cold start of the real model on a busy 2-core box
-
-
-@pytest.fixture
-def dashboard(corral, open_tab) -> Callable:
-    """Opens ``/ui#TAB`` in a new tab (with ``key`` in its session storage) and waits
-    for its live stream (unless not ``live``: the page will ask for a key)."""
-
-    def go(
-        tab: str = "cluster",
-        viewport: dict | None = None,
-        key: str | None = None,
-        live: bool = True,
-    ):
-        opened = open_tab(viewport)
-        if key is not None:
-            opened.page.add_init_script(f"sessionStorage.setItem('corral.key', {key!r})")
-        opened.page.goto(f"{corral.url}/ui#{tab}")
-        if live:
-            expect(opened.page.locator("#conn")).to_have_attribute("data-state", "live")
-        return opened
-
-    return go
 
 
 def api(corral, method: str, path: str, **kwargs) -> httpx.Response:
@@ -123,25 +98,6 @@ def test_loading_a_model_puts_it_on_its_box_and_unload_takes_it_off(corral, dash
     assert placements(corral, MODEL) == {}
     page.locator('a[data-tab="cluster"]').click()
     expect(card.locator(".node-models li", has_text=MODEL)).to_have_count(0)
-
-
-def test_a_box_that_leaves_turns_red(corral, homelab, dashboard, shoot):
-    box = homelab.cluster.add_node(**simulated_node("nas-ram8g", "worker", "ui-box"))
-    removed = None
-    try:
-        tab = dashboard("cluster")
-        card = tab.page.locator('.node-card[data-node="ui-box"]')
-        expect(card).to_have_attribute("data-state", "up", timeout=60_000)
-        homelab.cluster.remove_node(box, allow_graceful=False)
-        removed = time.monotonic()
-        expect(card).to_have_attribute("data-state", "down", timeout=60_000)
-        print(f"\nthe card turned red {time.monotonic() - removed:.1f} s after the box left")
-        expect(card).to_have_class(re.compile(r"\bdown\b"))
-        expect(card).to_contain_text("down since")
-        shoot(tab, "dashboard-box-down")
-    finally:
-        if removed is None:
-            homelab.cluster.remove_node(box, allow_graceful=False)
 
 
 def test_activity_charts_and_the_live_event_list(corral, dashboard, shoot):
@@ -248,16 +204,8 @@ def test_a_pull_shows_progress_and_ends_in_the_library(corral, dashboard, regist
 
 @pytest.fixture
 def keys(corral) -> Iterator[dict[str, str]]:
-    """Keys on for the session's Corral (as ``corral keys create`` makes them), then off."""
-    path = keys_path(corral.settings.state_path)
-    file = KeyFile(path)
-    made = {"admin": file.create("admin")[1], "limited": file.create("alice", [MODEL])[1]}
-    try:
-        yield made
-    finally:
-        for leftover in (path, path.with_name(path.name + ".lock")):
-            leftover.unlink(missing_ok=True)
-        assert httpx.get(f"{corral.url}/api/tags").status_code == 200  # open again
+    with keys_on(corral) as file:
+        yield {"admin": file.create("admin")[1], "limited": file.create("alice", [MODEL])[1]}
 
 
 def test_with_keys_the_page_asks_for_one_and_a_limited_key_sees_its_models(

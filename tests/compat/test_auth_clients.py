@@ -19,8 +19,8 @@ import ollama
 import openai
 import pytest
 
-from deployments.auth import KeyFile, keys_path
 from nodes.rayenv import node_api_key
+from tests.support.keys import keys_on
 
 MODEL = "smollm2:135m"
 QUESTION = [
@@ -31,20 +31,14 @@ QUESTION = [
 
 @pytest.fixture(scope="module")
 def keys(corral):
-    path = keys_path(corral.settings.state_path)
-    file = KeyFile(path)
-    made = {
-        "good": file.create("admin")[1],
-        "other": file.create("other-models", ["other:1"])[1],
-        "revoked": file.create("old")[1],
-    }
-    file.revoke("old")
-    try:
+    with keys_on(corral) as file:
+        made = {
+            "good": file.create("admin")[1],
+            "other": file.create("other-models", ["other:1"])[1],
+            "revoked": file.create("old")[1],
+        }
+        file.revoke("old")
         yield made
-    finally:
-        for leftover in (path, path.with_name(path.name + ".lock")):
-            leftover.unlink(missing_ok=True)
-        assert httpx.get(f"{corral.url}/api/tags").status_code == 200  # open again
 
 
 def oai(corral, key: str) -> openai.OpenAI:

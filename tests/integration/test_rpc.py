@@ -118,3 +118,37 @@ def test_a_worker_of_another_protocol_version_is_an_error_naming_both(starter_pa
     finally:
         listener.close()
         thread.join(timeout=5)
+
+
+LENDER_PORTS = (50052, 50071)  # a range, as the firewall would open it between the hosts
+
+
+def test_a_lender_actor_on_a_box_serves_layers_and_its_server_dies_with_it(
+    homelab, starter_path, tmp_path
+):
+    """The RPC worker as the controller runs it: a Ray actor pinned to a box, holding the
+    memory of the layers it lends, listening on the box's address."""
+    import ray
+
+    from nodes.agent import LABEL_NODE
+
+    [nas] = [n for n in ray.nodes() if n["Alive"] and n["Labels"].get(LABEL_NODE) == "nas"]
+    host = nas["NodeManagerAddress"]
+    lender = (
+        ray.remote(rpc.RpcLender)
+        .options(label_selector={LABEL_NODE: "nas"}, num_cpus=0, memory=200 * 1024**2)
+        .remote(host, LENDER_PORTS, str(tmp_path / "cache"), 1)
+    )
+    endpoint = ray.get(lender.endpoint.remote(), timeout=60)
+    assert endpoint.rsplit(":", 1)[0] == host
+    assert LENDER_PORTS[0] <= int(endpoint.rsplit(":", 1)[1]) <= LENDER_PORTS[1]
+    server = psutil.Process(ray.get(lender.pid.remote()))
+    assert server.is_running()
+
+    whole, _ = answer(spec(starter_path))
+    split, _ = answer(spec(starter_path, RpcPart("nas", endpoint, 20)))
+    assert split == whole
+
+    ray.kill(lender)  # the actor's process dies at once: its server must follow
+    server.wait(timeout=30)
+    assert not server.is_running()
