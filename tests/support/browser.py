@@ -32,8 +32,14 @@ def chromium_path() -> str | None:
     return found[0] or None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator:
+    """Chromium, for one test module at a time.
+
+    Playwright's sync API keeps its asyncio loop set as the main thread's running
+    loop for as long as it is open, so ``asyncio.run`` fails in every test that runs
+    while a browser is up: it must close when the module that needs it ends.
+    """
     path = chromium_path()
     if path is None:
         message = "chromium is missing: apt-get install chromium"
