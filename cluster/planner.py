@@ -21,9 +21,15 @@ Replicas of a model on one node are one placement and share its settings:
 under ``gpu: auto`` they split the node's free VRAM, each taking the most GPU
 layers that fit its share, the rest of the model in RAM.
 
+A model no single node can hold (``placement.split: auto``, the default) is split:
+its main replica runs on the node with the most free memory and the last of its
+layers go to RPC workers on the fewest other nodes that together have room, each
+taking layers in proportion to its free RAM (``_Planner._split``). One replica;
+``placement.split: never`` refuses instead, saying what is missing.
+
 Memory is the planner's own accounting: a node's offer (Ray's ``memory`` and
 ``vram_mib`` resources) minus the estimates of the placements on it, the same
-numbers each replica then reserves from Ray.
+numbers each replica (and RPC worker) then reserves from Ray.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from nodes.gguf import GgufInfo, MemoryEstimate, estimate_memory, fit_gpu_layers
 
 GIB = 1024**3
 MIB = 1024**2
+# An RPC worker's own process (Python and ggml) beside the tensors it holds.
+RPC_OVERHEAD = 64 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +62,23 @@ class PlanNode:
 
 
 @dataclass(frozen=True, slots=True)
+class Part:
+    """Layers of a split model that another node holds, through its RPC worker.
+
+    ``layers`` counts as llama.cpp's ``n_gpu_layers`` does (the output layer is one):
+    the main replica keeps the first layers, and the parts hold the rest in order, the
+    last part with the output layer. ``ram`` is what its worker holds: those layers'
+    weights and KV cache, a compute buffer and the worker's own process."""
+
+    node: str
+    layers: int
+    ram: int
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
-    """Replicas of one model on one node, with the settings and memory of each."""
+    """Replicas of one model on one node, with the settings and memory of each (a split
+    placement: one replica, on ``node`` and, through RPC workers, on its ``parts``)."""
 
     model: str
     node: str
@@ -69,19 +92,34 @@ class Placement:
     reason: str = field(default="", compare=False)
     parallel: int = 1  # slots: requests each replica decodes together
     llama: LlamaSettings = field(default_factory=LlamaSettings)
+    parts: tuple[Part, ...] = ()  # a split model: the layers other nodes hold
+    held: int = 0  # a split model: the layers the main replica holds (the first ones)
 
     def __post_init__(self) -> None:
         if isinstance(self.llama, dict):  # read back from JSON (saved state)
             object.__setattr__(self, "llama", LlamaSettings(**self.llama))
+        if any(isinstance(part, dict | list) for part in self.parts):
+            parts = tuple(Part(**p) if isinstance(p, dict) else Part(*p) for p in self.parts)
+            object.__setattr__(self, "parts", parts)
+        elif isinstance(self.parts, list):
+            object.__setattr__(self, "parts", tuple(self.parts))
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Every node the placement runs on: its own, then its parts'."""
+        return (self.node, *(part.node for part in self.parts))
 
     @property
     def key(self) -> tuple[str, str]:
         return self.model, self.node
 
     @property
-    def engine(self) -> tuple[int, int, int, str, int, LlamaSettings]:
+    def engine(self) -> tuple:
         """The settings a replica loads with: changing any means reloading it."""
-        return self.context, self.threads, self.gpu_layers, self.path, self.parallel, self.llama
+        return (
+            self.context, self.threads, self.gpu_layers, self.path, self.parallel, self.llama,
+            self.parts,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +179,17 @@ class Change:
             old = getattr(before.llama, name)
             if old != new:
                 parts.append(f"llama.{name} {old} -> {new}")
+        if before.parts != after.parts:
+            parts.append(f"split {_split_text(before) or 'none'} -> {_split_text(after) or 'none'}")
         return f"{head}: {', '.join(parts)}"
 
 
 def describe_placement(p: Placement) -> str:
+    if p.parts:
+        return (
+            f"split: {_split_text(p)}, context {p.context}, "
+            f"{p.parallel} slot{'s' if p.parallel != 1 else ''}, {p.threads} threads"
+        )
     where = _device(p.gpu_layers)
     memory = f"{human_bytes(p.ram)} RAM" + (f" + {human_bytes(p.vram)} VRAM" if p.vram else "")
     return (
@@ -152,6 +197,14 @@ def describe_placement(p: Placement) -> str:
         f"{p.parallel} slot{'s' if p.parallel != 1 else ''}, {p.threads} threads, {where}, "
         f"{memory} each"
     )
+
+
+def _split_text(p: Placement) -> str:
+    """``main 12 layers (310 MiB RAM) + nas 19 layers (250 MiB RAM)``; "" unsplit."""
+    if not p.parts:
+        return ""
+    rows = [(p.node, p.held, p.ram)] + [(part.node, part.layers, part.ram) for part in p.parts]
+    return " + ".join(f"{node} {n} layers ({human_bytes(ram)} RAM)" for node, n, ram in rows)
 
 
 def diff(current: Iterable[Placement], plan: Plan) -> list[Change]:
@@ -238,6 +291,13 @@ class _Planner:
             if budget == 0 or node is None or self._excluded(spec, node) is not None:
                 continue
             replicas = min(p.replicas, budget)
+            if p.parts:  # a split: kept whole, or planned afresh (fill splits it again)
+                if self._split_stays(spec, p):
+                    kept = replace(p, replicas=1, reason=p.reason or "already running here")
+                    self.running.add(kept.key)
+                    self._reserve(kept)
+                    budget -= 1
+                continue
             if self._settings_match(spec, node, p) and self._room(p, replicas):
                 kept = replace(p, replicas=replicas, reason=p.reason or "already running here")
                 self.running.add(kept.key)
@@ -259,7 +319,15 @@ class _Planner:
         """
         before = {k: p for k, p in self.placed.items() if p.model == spec.name}
         while self._count(spec.name) < target:
+            if any(p.parts for p in self.placed.values() if p.model == spec.name):
+                self.failures[spec.name] = "a split model runs one replica"
+                enough = self._count(spec.name) >= spec.replicas.min
+                if not (enough or partial or spec.pinned):
+                    self._restore(spec.name, before)
+                return enough
             choice = self._choose(spec)
+            if isinstance(choice, str) and self._count(spec.name) == 0:
+                choice = self._split(spec, choice)
             if isinstance(choice, str):
                 self.failures[spec.name] = choice
                 enough = self._count(spec.name) >= spec.replicas.min
@@ -420,6 +488,96 @@ class _Planner:
             reasons.append(reason)
         return f"{need}; " + "; ".join(reasons)
 
+    # -- splitting a model over nodes ---------------------------------------------
+
+    def _split(self, spec: ModelSpec, whole: str) -> Placement | str:
+        """One replica of ``spec`` split over the fewest nodes that hold it together, or
+        why none (``whole``: why no single node takes it).
+
+        The main replica runs on the node with the most free RAM and keeps the first
+        layers, the input embeddings, the logits and the host's compute buffer; each
+        RPC worker, on the next nodes by free RAM, holds a run of the remaining layers
+        with their KV cache, plus a compute buffer and its process. Layers go to each
+        node in proportion to the RAM it has left after those fixed costs. On the CPU
+        only: a split never offloads to a GPU (``gpu: required`` never splits).
+        """
+        where = spec.placement
+        if where.split == "never" or where.gpu == "required":
+            return whole
+        info = self.models[spec.name]
+        context = spec.context or self.default_context
+        n = info.n_layers + 1  # llama.cpp's layers: the blocks and the output layer
+        candidates = sorted(
+            (self.nodes[name] for name in self._allowed(spec)),
+            key=lambda node: (-self.free_ram[node.name], node.name),
+        )
+        if len(candidates) < 2:
+            return whole
+
+        # held(g): the bytes of the last g layers (weights and KV cache)
+        def held(g: int) -> int:
+            est = self._estimate(spec, context, g, 1)
+            return est.weights_vram + est.kv_vram
+
+        layer = [held(n - i) - held(n - i - 1) for i in range(n)]  # layer i's bytes
+        partial = self._estimate(spec, context, n - 1, 1)
+        main_fixed = partial.ram - layer[0]  # the main replica holding no block at all
+        worker_fixed = partial.compute_vram + RPC_OVERHEAD
+        total = sum(layer)
+        for k in range(2, len(candidates) + 1):
+            nodes = candidates[:k]
+            room = [self.free_ram[nodes[0].name] - main_fixed] + [
+                self.free_ram[node.name] - worker_fixed for node in nodes[1:]
+            ]
+            if min(room) <= 0 or sum(room) < total:
+                continue
+            counts = _share_layers(layer, room)
+            if counts is None:
+                continue
+            return self._split_placement(spec, nodes, counts, layer, worker_fixed)
+        have = sum(max(0, self.free_ram[n.name]) for n in candidates)
+        need = main_fixed + total + worker_fixed * (len(candidates) - 1)
+        return (
+            f"{whole}; split over the {len(candidates)} nodes it may use, it needs about "
+            f"{human_bytes(need)} RAM and they have {human_bytes(have)} free "
+            f"({human_bytes(max(0, need - have))} missing)"
+        )
+
+    def _split_placement(
+        self,
+        spec: ModelSpec,
+        nodes: Sequence[PlanNode],
+        counts: Sequence[int],
+        layer: Sequence[int],
+        worker_fixed: int,
+    ) -> Placement:
+        info = self.models[spec.name]
+        main = nodes[0]
+        remote = sum(counts[1:])
+        est = self._estimate(spec, spec.context or self.default_context, remote, 1)
+        parts, first = [], counts[0]
+        for node, count in zip(nodes[1:], counts[1:], strict=True):
+            held = sum(layer[first : first + count]) + worker_fixed
+            parts.append(Part(node.name, count, held))
+            first += count
+        split = " + ".join([f"{main.name} {counts[0]}"] + [f"{p.node} {p.layers}" for p in parts])
+        return Placement(
+            model=spec.name,
+            node=main.name,
+            replicas=1,
+            context=est.n_ctx,
+            threads=spec.threads or self.default_threads or main.cores,
+            gpu_layers=0,
+            ram=est.ram,
+            vram=0,
+            path=info.path,
+            reason=f"split: no node holds it whole; layers {split} (of {info.n_layers + 1})",
+            parallel=spec.slots,
+            llama=spec.llama_settings(),
+            parts=tuple(parts),
+            held=counts[0],
+        )
+
     # -- memory estimates ------------------------------------------------------
 
     def _estimate(
@@ -492,18 +650,35 @@ class _Planner:
         extra = replicas - (held.replicas if held else 0)
         return self.free_ram[p.node] >= extra * p.ram and self.free_vram[p.node] >= extra * p.vram
 
+    def _split_stays(self, spec: ModelSpec, p: Placement) -> bool:
+        """Whether a running split placement may stay as it is: every node of it up and
+        allowed, the model's settings unchanged, and room for each part."""
+        nodes = [self.nodes.get(name) for name in p.nodes]
+        if any(n is None or self._excluded(spec, n) is not None for n in nodes):
+            return False
+        if spec.placement.split == "never" or not self._settings_match(spec, nodes[0], p):
+            return False
+        need: dict[str, int] = {p.node: p.ram}
+        for part in p.parts:
+            need[part.node] = need.get(part.node, 0) + part.ram
+        return all(self.free_ram[node] >= ram for node, ram in need.items())
+
     def _reserve(self, p: Placement) -> None:
         """Make ``p`` the placement of its model on its node, in place of any before."""
         self._release(p.key)
         self.placed[p.key] = p
         self.free_ram[p.node] -= p.replicas * p.ram
         self.free_vram[p.node] -= p.replicas * p.vram
+        for part in p.parts:
+            self.free_ram[part.node] -= part.ram
 
     def _release(self, key: tuple[str, str]) -> None:
         held = self.placed.pop(key, None)
         if held is not None:
             self.free_ram[held.node] += held.replicas * held.ram
             self.free_vram[held.node] += held.replicas * held.vram
+            for part in held.parts:
+                self.free_ram[part.node] += part.ram
 
     def _restore(self, model: str, before: Mapping[tuple[str, str], Placement]) -> None:
         """Put ``model``'s placements back to ``before``."""
@@ -536,6 +711,30 @@ class _Planner:
                     )
         placements = sorted(self.placed.values(), key=lambda p: (p.model, p.node))
         return Plan(tuple(placements), tuple(unplaced), tuple(self.notes))
+
+
+def _share_layers(layer: Sequence[int], room: Sequence[int]) -> list[int] | None:
+    """How many of ``layer`` (bytes each, in order) each node takes, in order (the main
+    node first, then the workers): runs close to each node's share of ``room``, never
+    more than its room, every worker at least one layer. If rounding to whole layers
+    leaves the last node short, each node takes what fits instead. None if neither fits.
+    """
+    total, space = sum(layer), sum(room)
+    for proportional in (True, False):
+        counts, first, done = [], 0, 0  # done: the bytes of layers given so far
+        for i, have in enumerate(room):
+            goal = total * sum(room[: i + 1]) / space  # where this node's run should end
+            used, end = 0, first
+            while end < len(layer) and used + layer[end] <= have:
+                if proportional and i < len(room) - 1 and done + used + layer[end] / 2 > goal:
+                    break
+                used += layer[end]
+                end += 1
+            counts.append(end - first)
+            first, done = end, done + used
+        if first == len(layer) and all(counts[1:]):
+            return counts
+    return None
 
 
 def _needs(est: MemoryEstimate, info: GgufInfo) -> str:

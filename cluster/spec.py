@@ -29,6 +29,7 @@ from nodes.models import check_name
 
 GpuMode = Literal["auto", "required", "never"]
 Strategy = Literal["spread", "pack"]
+SplitMode = Literal["auto", "never"]
 DEFAULT_KEEP_ALIVE = 300.0  # Ollama's 5 minutes
 
 
@@ -68,6 +69,11 @@ class Placement(_Strict):
     strategy: Strategy = Field(
         default="spread",
         description="spread: replicas on different nodes; pack: as few nodes as possible",
+    )
+    split: SplitMode = Field(
+        default="auto",
+        description="auto: when no single node can hold one replica, split its layers over "
+        "the fewest nodes that can (llama.cpp RPC, one replica); never: whole replicas only",
     )
 
     @field_validator("nodes")

@@ -149,7 +149,10 @@ def test_a_70b_model_is_split_between_vram_and_ram():
 
 
 def test_a_model_that_fits_nowhere_says_what_it_needs_and_why_each_node_refused():
-    spec = ModelSpec(name="llama3.3:70b", placement={"gpu": "never", "nodes": ["minipc", "nas"]})
+    spec = ModelSpec(
+        name="llama3.3:70b",
+        placement={"gpu": "never", "nodes": ["minipc", "nas"], "split": "never"},
+    )
     result = run([spec])
     assert result.placements == ()
     assert result.unplaced == (
@@ -355,9 +358,8 @@ def test_pinned_models_are_placed_first_when_memory_is_short():
 
 
 def test_a_down_node_is_never_used_and_is_named():
-    result = run(
-        [ModelSpec(name="llama3.2:3b"), ModelSpec(name="llama3.3:70b")], homelab(down=["gpubox"])
-    )
+    big = ModelSpec(name="llama3.3:70b", placement={"split": "never"})
+    result = run([ModelSpec(name="llama3.2:3b"), big], homelab(down=["gpubox"]))
     assert all(p.node != "gpubox" for p in result.placements)
     assert where(result, "llama3.2:3b") == {"nas": 1}
     (missing,) = result.unplaced
@@ -624,3 +626,105 @@ def test_a_fake_model_has_one_slot_unless_told():
     assert fake.parallel == 1
     four = ModelSpec(name="llama3.2:1b", engine="fake", parallel=4)
     assert only(run([four]), "llama3.2:1b").parallel == 4
+
+
+# -- splitting a model over nodes ------------------------------------------------------
+
+
+def small_boxes(*gib: float) -> list[PlanNode]:
+    """CPU-only nodes a, b, c ... with ``gib`` GiB each."""
+    return [
+        PlanNode(name=chr(ord("a") + i), up=True, ram=int(g * GIB), cores=4)
+        for i, g in enumerate(gib)
+    ]
+
+
+def check_split(p: Placement, nodes: Sequence[PlanNode]) -> None:
+    """Every layer is somewhere once, and each node's share fits what it has."""
+    info = LIBRARY[p.model]
+    assert p.replicas == 1 and p.gpu_layers == 0 and p.vram == 0
+    assert p.held + sum(part.layers for part in p.parts) == info.n_layers + 1
+    free = {n.name: n.ram for n in nodes}
+    assert p.ram <= free[p.node]
+    for part in p.parts:
+        assert part.layers >= 1 and part.ram <= free[part.node]
+    # the main replica's memory is the estimate with the parts' layers elsewhere
+    remote = sum(part.layers for part in p.parts)
+    assert p.ram == estimate_memory(info, 4096, gpu_layers=remote).ram
+
+
+def test_a_model_no_node_holds_is_split_over_the_fewest_nodes_that_do():
+    nodes = small_boxes(4.0, 3.0, 3.0)  # llama3.1:8b needs about 5.5 GiB on one CPU
+    result = run([ModelSpec(name="llama3.1:8b")], nodes)
+    assert result.unplaced == ()
+    p = only(result, "llama3.1:8b")
+    assert (p.node, [part.node for part in p.parts]) == ("a", ["b"])  # two nodes are enough
+    check_split(p, nodes)
+    # layers in proportion to what each has left: a (4 GiB) takes more than b (3 GiB)
+    assert p.held > p.parts[0].layers
+    assert p.reason == (
+        f"split: no node holds it whole; layers a {p.held} + b {p.parts[0].layers} (of 33)"
+    )
+    (change,) = diff([], result)
+    assert change.describe() == (
+        f"+ llama3.1:8b on a: split: a {p.held} layers ({human_bytes(p.ram)} RAM) + "
+        f"b {p.parts[0].layers} layers ({human_bytes(p.parts[0].ram)} RAM), context 4096, "
+        f"{DEFAULT_PARALLEL} slots, 4 threads"
+    )
+
+
+def test_a_split_takes_a_third_node_when_two_are_not_enough():
+    nodes = small_boxes(2.5, 2.5, 2.5, 2.5)
+    p = only(run([ModelSpec(name="llama3.1:8b")], nodes), "llama3.1:8b")
+    assert len(p.parts) == 2
+    check_split(p, nodes)
+
+
+def test_a_model_that_fits_split_nowhere_says_how_much_is_missing():
+    result = run([ModelSpec(name="llama3.3:70b")], small_boxes(4.0, 3.0, 3.0))
+    (missing,) = result.unplaced
+    assert missing.reason.startswith(f"needs {human_bytes(ram('llama3.3:70b'))} RAM")
+    assert "; split over the 3 nodes it may use, it needs about " in missing.reason
+    assert "and they have 10.0 GiB free (" in missing.reason
+    assert missing.reason.endswith(" missing)")
+
+
+def test_split_never_and_gpu_required_do_not_split():
+    nodes = small_boxes(4.0, 3.0)
+    never = ModelSpec(name="llama3.1:8b", placement={"split": "never"})
+    (missing,) = run([never], nodes).unplaced
+    assert missing.reason == (
+        f"needs {human_bytes(ram('llama3.1:8b'))} RAM (context 4096, on the CPU); "
+        "a has 4.0 GiB free; b has 3.0 GiB free"
+    )
+    required = ModelSpec(name="llama3.1:8b", placement={"gpu": "required"})
+    assert run([required], nodes).placements == ()
+
+
+def test_a_split_model_runs_one_replica():
+    spec = ModelSpec(name="llama3.1:8b", replicas=Replicas(min=1, max=3))
+    nodes = small_boxes(4.0, 3.0, 3.0)
+    first = run([spec], nodes)
+    assert where(first, "llama3.1:8b") == {"a": 1}
+    two = ModelSpec(name="llama3.1:8b", replicas=Replicas(min=2))
+    (missing,) = run([two], nodes).unplaced
+    assert (missing.placed, missing.reason) == (1, "a split model runs one replica")
+
+
+def test_a_running_split_stays_and_a_lost_part_is_split_again():
+    nodes = small_boxes(4.0, 3.0, 3.0)
+    spec = ModelSpec(name="llama3.1:8b")
+    p = only(run([spec], nodes), "llama3.1:8b")
+    assert diff([p], run([spec], nodes, current=[p])) == []  # kept as it runs
+    down = [replace(n, up=False) if n.name == "b" else n for n in nodes]
+    again = only(run([spec], down, current=[p]), "llama3.1:8b")
+    assert (again.node, [part.node for part in again.parts]) == ("a", ["c"])
+    (change,) = diff([p], run([spec], down, current=[p]))
+    assert change.op == "~" and change.reload
+    assert "split a " in change.describe() and "b " in change.describe()
+
+
+def test_a_split_placement_survives_json():
+    p = only(run([ModelSpec(name="llama3.1:8b")], small_boxes(4.0, 3.0)), "llama3.1:8b")
+    again = Placement(**json.loads(json.dumps(asdict(p))))
+    assert again == p and again.engine == p.engine and again.parts == p.parts

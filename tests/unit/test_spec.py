@@ -96,6 +96,7 @@ def test_every_field_of_a_full_example(tmp_path):
         "labels": {},
         "gpu": "auto",
         "strategy": "spread",
+        "split": "auto",
     }
     assert qwen.autoscaling.target == 2.0
     # relative .gguf paths are relative to the file; absolute paths and model names stay
