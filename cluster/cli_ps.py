@@ -93,9 +93,15 @@ def ps_table(rows: list[dict[str, Any]], now: float) -> Table:
         memory = human_bytes(row["ram"] * row["replicas"])
         if row["vram"]:
             memory += f" + {human_bytes(row['vram'] * row['replicas'])} VRAM"
+        node = row["node"]
+        if parts := row.get("parts"):  # split: main 20 layers + nas 11
+            node = f"{node} {row['layers']} layers + " + " + ".join(
+                f"{part['node']} {part['layers']}" for part in parts
+            )
+            memory = " + ".join(human_bytes(r) for r in [row["ram"], *(p["ram"] for p in parts)])
         table.add_row(
             row["model"],
-            row["node"],
+            node,
             replicas,
             _slots(row),
             "-" if row["idle_for"] is None else format_duration(row["idle_for"]),

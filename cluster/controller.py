@@ -42,7 +42,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from cluster import crashloop, eviction
+from cluster import crashloop, eviction, lenders
 from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
 from cluster.inventory import InventoryMonitor, NodeStatus
 from cluster.library import Library
@@ -64,7 +64,7 @@ from deployments.routing import Route
 from nodes.agent import LABEL_NODE, VRAM_RESOURCE
 from nodes.crashes import ProcessDeath
 from nodes.durations import FOREVER
-from nodes.engine import EngineSpec
+from nodes.engine import EngineSpec, RpcPart
 from nodes.errors import (
     CorralError,
     InvalidRequest,
@@ -128,6 +128,9 @@ class Controller:
         # app -> replica -> (when received, what it said): what replicas report
         self._reports: dict[str, dict[str, tuple[float, ReplicaLoad]]] = {}
         self._timers: dict[str, Timers] = {}  # the autoscaler's, by model
+        # Whether RPC workers may run (a split started since the last sweep found none, or
+        # a controller before this one may have left some): the ticks then sweep them.
+        self._lent = True
         # model -> (when, keep_alive): loads asked without a request (Ollama's empty prompt)
         self._touched: dict[str, tuple[float, float | None]] = {}
         self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
@@ -516,14 +519,24 @@ class Controller:
         self._forgive()
         if self._recovered.is_set() and not self._changing.locked():
             await self._reconcile()
+        if self._lent and self._recovered.is_set() and not self._changing.locked():
+            await self._sweep_lenders()
 
     async def _reconcile(self) -> None:
-        """Drop the placements of nodes that left the cluster and place what they ran
-        elsewhere; try again, for what fit nowhere, when a node joins."""
+        """Drop the placements of nodes that left the cluster (or, split over nodes, lost
+        one of them or its RPC worker) and place what they ran elsewhere; try again, for
+        what fit nowhere, when a node joins."""
         alive = self._alive_nodes()
         if not alive:  # no view of the cluster (this node is alive, or we would not run)
             return
-        gone = [p for p in self._placements.values() if p.node not in alive]
+        why: dict[tuple[str, str], str] = {}
+        for p in self._placements.values():
+            down = [node for node in p.nodes if node not in alive]
+            if down:
+                why[p.key] = f"{down[0]} left the cluster"
+        for key, node in (await self._without_lenders()).items():
+            why.setdefault(key, f"its RPC worker on {node} stopped")
+        gone = [self._placements[key] for key in why if key in self._placements]
         joined = self._alive is not None and bool(alive - self._alive)
         due = time.monotonic() - self._replace_tried > REPLACE_RETRY
         if not gone and not (self._lost and (joined or due)):
@@ -537,7 +550,7 @@ class Controller:
                 self._forget(p.key)
                 earlier = self._lost[p.key].replicas if p.key in self._lost else 0
                 self._lost[p.key] = replace(p, replicas=p.replicas + earlier)
-                self._event("lost", p.model, p.node, f"{p.node} left the cluster", "node_lost")
+                self._event("lost", p.model, p.node, why[p.key], "node_lost")
             if gone:  # nothing to drain: their replicas died with the node
                 apps = [app_name_for(*p.key) for p in gone]
                 await asyncio.gather(*(asyncio.to_thread(serve.delete, a, False) for a in apps))
@@ -750,6 +763,9 @@ class Controller:
                     "vram": p.vram,
                     "path": p.path,
                     "reason": p.reason,
+                    # a split placement: the layers it keeps and those other nodes hold
+                    "layers": p.held if p.parts else None,
+                    "parts": [{"node": q.node, "layers": q.layers, "ram": q.ram} for q in p.parts],
                     "declared": p.model in self._declared,
                     "app": app,
                     "status": state.status.value if state else "MISSING",
@@ -1093,12 +1109,19 @@ class Controller:
                 await asyncio.to_thread(set_replicas, app_name_for(*c.after.key), c.after.replicas)
         starting = [c.after for c in changes if c.op == "+" or c.op == "~"]
         self._starting.update(app_name_for(*p.key) for p in starting)
+        unlent: dict[str, str] = {}  # split placements whose RPC workers did not start
         for p in (c.after for c in changes if c.op == "+" or c.reload):
+            self._lent = self._lent or bool(p.parts)
+            try:
+                parts = await lenders.lend(p, app_name_for(*p.key), self._settings.rpc_ports)
+            except ModelLoadFailed as exc:
+                unlent[label(p)] = str(exc)
+                continue
             self._deployed_at[app_name_for(*p.key)] = time.time()
             await asyncio.to_thread(
                 serve._run,
                 replica_app(
-                    self._engine_spec(p),
+                    self._engine_spec(p, parts),
                     self._replica_options(),
                     num_replicas=p.replicas,
                     actor_options=actor_options(p),
@@ -1109,19 +1132,48 @@ class Controller:
                 external_scaler_enabled=True,  # the controller owns replica counts
             )
         try:
-            failed = await self._wait_running(starting)
+            failed = await self._wait_running([p for p in starting if label(p) not in unlent])
         finally:
             self._starting.difference_update(app_name_for(*p.key) for p in starting)
+        failed.update(unlent)
         for p in starting:
             name = label(p)
             if name in failed:
-                await asyncio.to_thread(serve.delete, app_name_for(*p.key))
+                if name not in unlent:  # never deployed otherwise
+                    await asyncio.to_thread(serve.delete, app_name_for(*p.key))
                 log.error("placement %s failed: %s", name, failed[name])
             else:
                 self._placements[p.key] = p
                 self._ready_at.setdefault(p.key, time.monotonic())
+        await self._sweep_lenders()
         await self._save()
         return failed
+
+    async def _sweep_lenders(self) -> None:
+        """Stop the RPC workers that no placement (running or starting) needs. Once none
+        is needed nor left, the ticks stop asking Ray until the next split starts."""
+        needed = {
+            name
+            for p in self._placements.values()
+            for name in lenders.needed_by(p, app_name_for(*p.key))
+        }
+        await lenders.sweep(needed, starting=self._starting)
+        self._lent = bool(needed or self._starting)
+
+    async def _without_lenders(self) -> dict[tuple[str, str], str]:
+        """The running split placements that lost an RPC worker, and which node's."""
+        split = [p for p in self._placements.values() if p.parts]
+        if not split:
+            return {}
+        alive = await lenders.running()
+        lost = {}
+        for p in split:
+            app = app_name_for(*p.key)
+            for part in p.parts:
+                if lenders.name_of(app, part.node) not in alive:
+                    lost[p.key] = part.node
+                    break
+        return lost
 
     async def _wait_running(self, placements: list[Placement]) -> dict[str, str]:
         apps = {app_name_for(*p.key): p for p in placements}
@@ -1158,7 +1210,8 @@ class Controller:
                 await asyncio.sleep(0.05)
         return failed
 
-    def _engine_spec(self, p: Placement) -> EngineSpec:
+    def _engine_spec(self, p: Placement, parts: tuple[RpcPart, ...] = ()) -> EngineSpec:
+        """What ``p``'s replicas load; ``parts``: the RPC workers of a split placement."""
         spec = self._spec_of(p.model)
         model = self._model_file(p.model)
         return EngineSpec(
@@ -1176,6 +1229,7 @@ class Controller:
             fetch_from=self._head_url(),
             projector=model.projector,
             projector_digest=model.projector_digest,
+            rpc=parts,
         )
 
     def _head_url(self) -> str:

@@ -115,6 +115,12 @@ class CorralSettings(BaseSettings):
         le=60,
         description="Seconds between two runs of the autoscaling and keep-alive policy.",
     )
+    rpc_ports: tuple[int, int] = Field(
+        default=(50052, 50067),
+        description="The ports, first and last, where a box's RPC workers listen while a "
+        "model split over boxes needs them (llama.cpp RPC: no authentication, so the "
+        "firewall must open them only between the cluster's boxes).",
+    )
     dashboard: bool = Field(
         default=True,
         description="Start Ray's dashboard on 127.0.0.1:8265 (private cluster only).",
@@ -133,6 +139,14 @@ class CorralSettings(BaseSettings):
         default="info",
         description="Verbosity of Corral's own logs; debug adds a line per HTTP request.",
     )
+
+    @field_validator("rpc_ports")
+    @classmethod
+    def _check_rpc_ports(cls, value: tuple[int, int]) -> tuple[int, int]:
+        first, last = value
+        if not 1024 <= first <= last <= 65535:
+            raise ValueError(f"{first}-{last}: give the first and last port, 1024 to 65535")
+        return value
 
     @field_validator("host")
     @classmethod

@@ -47,6 +47,7 @@ CONN_CAPS = 24  # RPC_CONN_CAPS_SIZE: the transport capabilities in a hello
 DEVICE_CPU, DEVICE_GPU = 0, 1  # GGML_BACKEND_DEVICE_TYPE_CPU, _GPU
 START_TIMEOUT = 30.0  # seconds a new server has to accept connections
 PR_SET_PDEATHSIG = 1  # prctl(2)
+DEFAULT_CACHE = Path.home() / ".cache" / "corral" / "rpc"  # tensors a lender was sent
 
 
 class RpcUnavailable(ModelLoadFailed):
@@ -306,6 +307,13 @@ class RpcLender:
     """
 
     def __init__(self, host: str, ports: tuple[int, int], cache_dir: str, threads: int) -> None:
+        """``host`` "": this box's address in the cluster (Ray's node address); ``cache_dir``
+        "": ``~/.cache/corral/rpc`` of the user Ray runs as."""
+        if not host:
+            import ray
+
+            host = ray.util.get_node_ip_address()
+        cache_dir = cache_dir or str(DEFAULT_CACHE)
         first, last = ports
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         for port in range(first, last + 1):

@@ -26,13 +26,10 @@ are printed (``pytest -s``).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import httpx
 import psutil
@@ -57,6 +54,7 @@ from tests.support.cluster import (
     replica_pids,
     wait_for,
 )
+from tests.support.streams import start_stream
 
 A, B = "drill-a", "drill-b"
 SPREAD = "drill-spread:latest"  # one replica on each drill box
@@ -116,48 +114,6 @@ def boxes(corral, homelab, tmp_path_factory, starter_path) -> Iterator[dict]:
 def http(corral) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=corral.url, timeout=60) as client:
         yield client
-
-
-# -- streams watched from a thread ------------------------------------------------------
-
-
-@dataclass
-class Stream:
-    """One streamed chat completion, read on a thread: its SSE events as they came."""
-
-    events: list[str] = field(default_factory=list)
-    status: int | None = None
-    ended_at: float | None = None  # time.monotonic() when the stream closed
-    failure: BaseException | None = None
-
-    @property
-    def content(self) -> int:
-        return sum('"content"' in e for e in self.events)
-
-    @property
-    def error(self) -> dict | None:
-        last = self.events[-1] if self.events else ""
-        return json.loads(last)["error"] if last.startswith('{"error"') else None
-
-
-def start_stream(url: str, model: str) -> Stream:
-    stream = Stream()
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
-
-    def read() -> None:
-        try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
-                stream.status = r.status_code
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        stream.events.append(line[6:])
-        except BaseException as exc:  # noqa: BLE001 - the test looks at it
-            stream.failure = exc
-        finally:
-            stream.ended_at = time.monotonic()
-
-    threading.Thread(target=read, daemon=True).start()
-    return stream
 
 
 def chat(http: httpx.Client, model: str) -> httpx.Response:

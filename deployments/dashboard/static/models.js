@@ -59,6 +59,12 @@ export function renderPlacements(placements, time) {
   tick();
 }
 
+/** "gpubox", or for a model split over boxes "minipc 20 layers + nas 11". */
+function nodeText(p) {
+  if (!p.parts || !p.parts.length) return p.node;
+  return [`${p.node} ${p.layers} layers`, ...p.parts.map((q) => `${q.node} ${q.layers}`)].join(" + ");
+}
+
 function fillRow(tr, p, withButton) {
   tr.dataset.model = p.model;
   tr.dataset.node = p.node;
@@ -67,7 +73,7 @@ function fillRow(tr, p, withButton) {
   fill(
     tr,
     modelCell(p),
-    el("td", { class: "node" }, p.node),
+    el("td", { class: "node" }, nodeText(p)),
     el("td", { class: "num replicas" }, String(p.replicas ?? "–")),
     slotsCell(p),
     el("td", { class: "num rate" }, fmtNumber(p.tokens_per_s ?? 0, 1)),
@@ -103,6 +109,11 @@ function memoryCell(p) {
   const replicas = p.replicas || 0;
   const ram = p.ram || 0;
   const vram = p.vram || 0;
+  if (p.parts && p.parts.length) {
+    const lent = p.parts.reduce((sum, q) => sum + q.ram, 0);
+    const title = [`${p.node}: ${fmtBytes(ram)}`, ...p.parts.map((q) => `${q.node}: ${fmtBytes(q.ram)}`)];
+    return el("td", { class: "num memory", title: title.join(", ") }, fmtBytes(ram + lent));
+  }
   const title = `per replica: RAM ${fmtBytes(ram)}${vram ? `, VRAM ${fmtBytes(vram)}` : ""} × ${replicas}`;
   return el("td", { class: "num memory", title }, fmtBytes((ram + vram) * replicas));
 }
