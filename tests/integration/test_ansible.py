@@ -245,6 +245,13 @@ def test_the_roles_pin_every_port_a_node_can_pin():
     assert {k: v for k, v in defaults["corral_ray_ports"].items() if k in PINNED} == PINNED
 
 
+def test_the_roles_give_the_rpc_workers_the_range_the_firewall_names():
+    from cluster.settings import CorralSettings
+
+    defaults = yaml.safe_load((ANSIBLE / "roles/corral/defaults/main.yml").read_text())
+    assert tuple(defaults["corral_rpc_ports"]) == CorralSettings().rpc_ports
+
+
 def dropped_ports(nft: str) -> set[str]:
     """The ports of the rule that drops Ray's ports from everyone else."""
     (ports,) = re.findall(r"tcp dport \{ ([^}]*) \} drop", nft)
@@ -255,6 +262,7 @@ def test_the_firewall_names_the_api_and_every_ray_port(provisioned):
     head = (provisioned.prefix("head") / "etc/corral/corral.nft").read_text()
     worker = (provisioned.prefix("worker") / "etc/corral/corral.nft").read_text()
     ray_ports = {"6379", "10001", "8265", "52365", "44217", "44227", "10002-19999"}
+    ray_ports.add("50052-50067")  # llama.cpp's RPC workers (no authentication)
     ray_ports |= {str(p) for p in PINNED.values()}
     for nft in (head, worker):
         assert dropped_ports(nft) == ray_ports
