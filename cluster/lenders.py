@@ -8,8 +8,8 @@ lenders) and anything can find it by name. It holds the memory of its layers as
 Ray's ``memory`` resource on its node, so Ray's accounting and the planner's agree.
 
 ``sweep`` removes the lenders no placement needs (whichever way a placement went:
-unloaded, evicted, re-planned, lost); ``missing`` names the running placements that
-lost a lender, so the controller re-plans them as it does for a lost node.
+unloaded, evicted, re-planned, lost); ``running`` lists those alive, from which the
+controller finds a split placement that lost one and re-plans it as for a lost node.
 """
 
 from __future__ import annotations

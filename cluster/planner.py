@@ -98,11 +98,9 @@ class Placement:
     def __post_init__(self) -> None:
         if isinstance(self.llama, dict):  # read back from JSON (saved state)
             object.__setattr__(self, "llama", LlamaSettings(**self.llama))
-        if any(isinstance(part, dict | list) for part in self.parts):
-            parts = tuple(Part(**p) if isinstance(p, dict) else Part(*p) for p in self.parts)
-            object.__setattr__(self, "parts", parts)
-        elif isinstance(self.parts, list):
-            object.__setattr__(self, "parts", tuple(self.parts))
+        if not isinstance(self.parts, tuple) or any(isinstance(q, dict) for q in self.parts):
+            parts = tuple(Part(**q) if isinstance(q, dict) else q for q in self.parts)
+            object.__setattr__(self, "parts", parts)  # read back from JSON (saved state)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -514,12 +512,12 @@ class _Planner:
         if len(candidates) < 2:
             return whole
 
-        # held(g): the bytes of the last g layers (weights and KV cache)
-        def held(g: int) -> int:
+        def last(g: int) -> int:
+            """The bytes of the last ``g`` layers (weights and KV cache)."""
             est = self._estimate(spec, context, g, 1)
             return est.weights_vram + est.kv_vram
 
-        layer = [held(n - i) - held(n - i - 1) for i in range(n)]  # layer i's bytes
+        layer = [last(n - i) - last(n - i - 1) for i in range(n)]  # layer i's bytes
         partial = self._estimate(spec, context, n - 1, 1)
         main_fixed = partial.ram - layer[0]  # the main replica holding no block at all
         worker_fixed = partial.compute_vram + RPC_OVERHEAD
