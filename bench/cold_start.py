@@ -213,7 +213,7 @@ def wait_unloaded(http: httpx.Client, model: str, timeout: float = 120) -> float
     """Seconds until no placement of ``model`` is listed and Serve runs no app of it."""
     from ray import serve
 
-    from cluster.controller import app_name_for
+    from cluster.serve_apps import app_name_for
 
     apps = {app_name_for(model, n.name) for n in NODES}
 
@@ -229,7 +229,7 @@ def replica_info(model: str, node: str):
     """What the replica of ``model`` on ``node`` says about itself (pid, loaded_at)."""
     from ray import serve
 
-    from cluster.controller import app_name_for
+    from cluster.serve_apps import app_name_for
     from deployments.replica import REPLICA_DEPLOYMENT
 
     try:
@@ -286,7 +286,7 @@ def load_event(controller, model: str, since: float) -> dict | None:
 
 
 def one_run(index: int, http: httpx.Client, controller, lab, args: argparse.Namespace) -> Run:
-    from cluster.controller import app_name_for
+    from cluster.serve_apps import app_name_for
     from nodes.models import STARTER_MODEL as model
 
     node = NODES[0].name

@@ -122,7 +122,7 @@ def deploy_model(args: argparse.Namespace) -> None:
 def replica_handles() -> dict:
     from ray import serve
 
-    from cluster.controller import app_name_for
+    from cluster.serve_apps import app_name_for
     from deployments.replica import REPLICA_DEPLOYMENT
 
     return {

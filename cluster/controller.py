@@ -28,10 +28,7 @@ models) and applies the saved models file again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import math
-import re
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Sequence
@@ -40,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray import serve
 
 from cluster import crashloop, eviction, lenders
 from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
@@ -48,20 +44,15 @@ from cluster.inventory import InventoryMonitor, NodeStatus
 from cluster.library import Library
 from cluster.plan_report import PlanReport, label, report_view
 from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
+from cluster.serve_apps import RayServeApps, ServeApps, actor_options, adoptable, app_name_for
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, Replicas, dump_models, parse_models
 from cluster.state import STATE_FILE, SavedState, load_state, save_state
 from cluster.yamlfile import ConfigError
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ROUTES_TTL
-from deployments.replica import (
-    REPORT_HEARTBEAT,
-    ReplicaLoad,
-    ReplicaOptions,
-    replica_app,
-    set_replicas,
-)
+from deployments.replica import REPORT_HEARTBEAT, ReplicaLoad, ReplicaOptions, replica_app
 from deployments.routing import Route
-from nodes.agent import LABEL_NODE, VRAM_RESOURCE
+from nodes.agent import LABEL_NODE
 from nodes.crashes import ProcessDeath
 from nodes.durations import FOREVER
 from nodes.engine import EngineSpec, RpcPart
@@ -87,38 +78,19 @@ MODELS_FILE_NAME = "models.yaml"  # what errors call a models file sent as text
 # How often placements lost with a node that fit nowhere are tried again (also whenever a
 # node joins).
 REPLACE_RETRY = 30.0
-APP_PREFIX = "model-"  # every placement's Serve application, and only those, start so
 # The reason category /metrics counts each autoscaler decision by (a short, fixed vocabulary;
 # the event's free text says more).
 DECISION_CATEGORY = {"scale_up": "high_load", "scale_down": "low_load", "expire": "keep_alive"}
 MIB = 1024**2
-# Ray sets CUDA_VISIBLE_DEVICES="" for actors that ask for no GPU; a placement
-# with GPU layers must see its node's GPUs (VRAM is counted by ``vram_mib``).
-SEE_ALL_GPUS = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
-
-
-def app_name_for(model: str, node: str) -> str:
-    """The Serve application of ``model`` on ``node``: readable, unique, safe in URLs and logs."""
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{model}-{node}".lower()).strip("-")
-    digest = hashlib.sha256(f"{model}@{node}".encode()).hexdigest()[:6]
-    return f"{APP_PREFIX}{slug}-{digest}"
-
-
-def actor_options(p: Placement) -> dict:
-    """Ray options of each replica of ``p``: pinned to its node, holding its memory."""
-    options: dict = {"label_selector": {LABEL_NODE: p.node}, "memory": p.ram}
-    if p.vram:
-        options["resources"] = {VRAM_RESOURCE: math.ceil(p.vram / MIB)}
-        options["runtime_env"] = {"env_vars": dict(SEE_ALL_GPUS)}
-    return options
 
 
 class Controller:
     """Owns the model catalog and the placements (see module docstring)."""
 
-    def __init__(self, settings: CorralSettings) -> None:
+    def __init__(self, settings: CorralSettings, serve_apps: ServeApps | None = None) -> None:
         setup_logging(settings.log_level)
         self._settings = settings
+        self._serve = serve_apps or RayServeApps()
         self._library = Library(settings.models_path)
         self._declared: dict[str, ModelSpec] = {}  # the last applied models file
         self._files: dict[str, LocalModel] = {}  # the model file of each declared model
@@ -302,10 +274,10 @@ class Controller:
                 continue
             app = app_name_for(*p.key)
             if p in whole:
-                await asyncio.to_thread(serve.delete, app)
+                await self._serve.delete([app])
                 self._forget(p.key)
             else:
-                await asyncio.to_thread(set_replicas, app, p.replicas - n)
+                await self._serve.scale(app, p.replicas - n)
                 self._placements[p.key] = replace(p, replicas=p.replicas - n)
             log.info("unloaded %d of %s on %s: %s", n, p.model, p.node, reason)
             done.append(p)
@@ -394,7 +366,7 @@ class Controller:
             p = self._placements.pop(key, None)
             self._forget(key)
             if p is not None:  # nothing to drain: its replicas crash on every request
-                await asyncio.to_thread(serve.delete, app_name_for(*key), False)
+                await self._serve.delete([app_name_for(*key)], drain=False)
         await self._save()
 
     def _refuse_if_failed(self, name: str) -> None:
@@ -448,18 +420,17 @@ class Controller:
         await self._save()
 
     async def _restore(self, saved: SavedState) -> None:
-        status = await asyncio.to_thread(serve.status)
-        apps = {name: _status_value(a.status) for name, a in status.applications.items()}
+        apps = {name: a.status for name, a in (await self._serve.states()).items()}
         adopted, orphans = adoptable(saved.placements, apps)
         now = time.monotonic()
         for p in adopted:
             self._placements[p.key] = p
             self._ready_at[p.key] = now
             # Serve's count may lag ours if the last controller stopped mid-change.
-            await asyncio.to_thread(set_replicas, app_name_for(*p.key), p.replicas)
+            await self._serve.scale(app_name_for(*p.key), p.replicas)
         if orphans:
             log.info("removing %s: left running by a controller that stopped mid-change", orphans)
-            await asyncio.gather(*(asyncio.to_thread(serve.delete, app) for app in orphans))
+            await self._serve.delete(orphans)
         declared, files = [], {}
         for spec in saved.declared:
             try:
@@ -553,7 +524,7 @@ class Controller:
                 self._event("lost", p.model, p.node, why[p.key], "node_lost")
             if gone:  # nothing to drain: their replicas died with the node
                 apps = [app_name_for(*p.key) for p in gone]
-                await asyncio.gather(*(asyncio.to_thread(serve.delete, a, False) for a in apps))
+                await self._serve.delete(apps, drain=False)
             await self._replace_lost()
         await self._save()
 
@@ -729,12 +700,12 @@ class Controller:
         is when keep-alive unloads it, None if never.
         """
         await self._started()
-        status = await asyncio.to_thread(serve.status)
+        states = await self._serve.states()
         now, wall = time.monotonic(), time.time()
         rows = []
         for p in sorted(self._placements.values(), key=lambda p: p.key):
             app = app_name_for(p.model, p.node)
-            state = status.applications.get(app)
+            state = states.get(app)
             load = self._load_of(p, now)
             spec = self._spec_of(p.model)
             total = sum(q.replicas for q in self._placements.values() if q.model == p.model)
@@ -768,7 +739,7 @@ class Controller:
                     "parts": [{"node": q.node, "layers": q.layers, "ram": q.ram} for q in p.parts],
                     "declared": p.model in self._declared,
                     "app": app,
-                    "status": state.status.value if state else "MISSING",
+                    "status": state.status if state else "MISSING",
                     "failure": None,
                 }
             )
@@ -1101,12 +1072,10 @@ class Controller:
         if stopping:
             # Let every ingress see the new routes before the replicas go away.
             await asyncio.sleep(ROUTES_TTL + 0.5)
-            await asyncio.gather(
-                *(asyncio.to_thread(serve.delete, app_name_for(*p.key)) for p in stopping)
-            )
+            await self._serve.delete([app_name_for(*p.key) for p in stopping])
         for c in changes:
             if c.op == "~" and not c.reload:  # only the replica count: the others keep running
-                await asyncio.to_thread(set_replicas, app_name_for(*c.after.key), c.after.replicas)
+                await self._serve.scale(app_name_for(*c.after.key), c.after.replicas)
         starting = [c.after for c in changes if c.op == "+" or c.op == "~"]
         self._starting.update(app_name_for(*p.key) for p in starting)
         unlent: dict[str, str] = {}  # split placements whose RPC workers did not start
@@ -1118,18 +1087,14 @@ class Controller:
                 unlent[label(p)] = str(exc)
                 continue
             self._deployed_at[app_name_for(*p.key)] = time.time()
-            await asyncio.to_thread(
-                serve._run,
+            await self._serve.deploy(
+                app_name_for(*p.key),
                 replica_app(
                     self._engine_spec(p, parts),
                     self._replica_options(),
                     num_replicas=p.replicas,
                     actor_options=actor_options(p),
                 ),
-                name=app_name_for(*p.key),
-                route_prefix=None,
-                _blocking=False,
-                external_scaler_enabled=True,  # the controller owns replica counts
             )
         try:
             failed = await self._wait_running([p for p in starting if label(p) not in unlent])
@@ -1140,7 +1105,7 @@ class Controller:
             name = label(p)
             if name in failed:
                 if name not in unlent:  # never deployed otherwise
-                    await asyncio.to_thread(serve.delete, app_name_for(*p.key))
+                    await self._serve.delete([app_name_for(*p.key)])
                 log.error("placement %s failed: %s", name, failed[name])
             else:
                 self._placements[p.key] = p
@@ -1180,19 +1145,19 @@ class Controller:
         deadline = time.monotonic() + self._settings.load_timeout
         failed: dict[str, str] = {}
         while apps:
-            status = await asyncio.to_thread(serve.status)
+            states = await self._serve.states()
             alive = self._alive_nodes()  # the tick refreshes it meanwhile
             for app, p in list(apps.items()):
-                state = status.applications.get(app)
+                state = states.get(app)
                 if alive and p.node not in alive:  # its replicas can never start
                     failed[label(p)] = f"{p.node} left the cluster while it loaded"
                     del apps[app]
                 elif state is None:
                     continue
-                elif state.status == "RUNNING" and _running_replicas(state) == p.replicas:
+                elif state.status == "RUNNING" and state.running == p.replicas:
                     del apps[app]
                 elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                    why = _last_line(_status_message(state))  # a crash: "ActorDiedError()"
+                    why = _last_line(state.message)  # a crash: "ActorDiedError()"
                     failed[label(p)] = self._crash_loop_reason(app, p.node, 1) or why
                     del apps[app]
                 elif (why := self._crash_loop_reason(app, p.node)) is not None:
@@ -1200,8 +1165,8 @@ class Controller:
                     del apps[app]
             if apps and time.monotonic() > deadline:
                 for app, p in apps.items():
-                    state = status.applications.get(app)
-                    why = _status_message(state) if state else ""
+                    state = states.get(app)
+                    why = state.message if state else ""
                     failed[label(p)] = f"not running after {self._settings.load_timeout:.0f}s" + (
                         f": {_last_line(why)}" if why else ""
                     )
@@ -1282,28 +1247,6 @@ def _grows(c: Change) -> bool:
     )
 
 
-def _status_value(status: object) -> str:
-    return str(getattr(status, "value", status))
-
-
-# Serve application states whose replicas may still hold a loaded model.
-ADOPTABLE = ("RUNNING", "DEPLOYING", "UNHEALTHY")
-
-
-def adoptable(
-    saved: Sequence[Placement], apps: dict[str, str]
-) -> tuple[list[Placement], list[str]]:
-    """Which saved placements a new controller takes over, and which placement apps running
-    in Serve nobody knows (a controller stopped between deploying and saving).
-
-    ``apps`` maps each Serve application to its status.
-    """
-    adopted = [p for p in saved if apps.get(app_name_for(*p.key)) in ADOPTABLE]
-    known = {app_name_for(*p.key) for p in adopted}
-    orphans = sorted(a for a in apps if a.startswith(APP_PREFIX) and a not in known)
-    return adopted, orphans
-
-
 def trim_lost(lost: dict[tuple[str, str], Placement], model: str, replicas: int) -> str:
     """Take ``replicas`` of ``model``'s lost replicas off ``lost`` (they were placed again);
     says which they were, as "2 replicas on nas"."""
@@ -1320,19 +1263,6 @@ def trim_lost(lost: dict[tuple[str, str], Placement], model: str, replicas: int)
             lost[key] = replace(p, replicas=p.replicas - n)
         taken.append(f"{n} replica{'s' if n != 1 else ''} on {p.node}")
     return ", ".join(taken) or "nothing"
-
-
-def _running_replicas(state) -> int:
-    """Replicas of an application's one deployment that are running now."""
-    return sum(d.replica_states.get("RUNNING", 0) for d in state.deployments.values())
-
-
-def _status_message(state) -> str:
-    """The most telling message of an application's status: a deployment's, else its own."""
-    for deployment in state.deployments.values():
-        if deployment.message:
-            return deployment.message
-    return state.message or ""
 
 
 def _last_line(text: object) -> str:

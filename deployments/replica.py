@@ -449,22 +449,3 @@ def replica_app(
         logging_config={"enable_access_log": False},
     )
     return deployment.bind(spec, options)
-
-
-def set_replicas(app_name: str, replicas: int) -> None:
-    """Scale the placement deployed as ``app_name`` in place (a blocking call).
-
-    Deploying the application again would restart every replica (Serve gives
-    each deploy from code a new version); Serve's external-scaler API adds or
-    removes replicas and leaves the others running. ``replica_app``
-    applications are deployed with it enabled.
-    """
-    from ray.serve._private.common import DeploymentID
-    from ray.serve.context import _get_global_client
-
-    controller = _get_global_client()._controller
-    ray.get(
-        controller.update_deployment_replicas.remote(
-            DeploymentID(name=REPLICA_DEPLOYMENT, app_name=app_name), replicas
-        )
-    )

@@ -18,7 +18,7 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.controller import app_name_for
+from cluster.serve_apps import app_name_for
 from deployments.replica import REPLICA_DEPLOYMENT
 
 CORRAL = str(Path(sys.executable).with_name("corral"))

@@ -30,7 +30,7 @@ import openai
 import pytest
 from ray import serve
 
-from cluster.controller import app_name_for
+from cluster.serve_apps import app_name_for
 from nodes.gguf import estimate_memory, read_gguf
 from tests.support.cluster import (
     apply_models,

@@ -37,7 +37,7 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.controller import app_name_for
+from cluster.serve_apps import app_name_for
 from cluster.server import start_corral
 from cluster.state import STATE_FILE, load_state
 from deployments.auth import KeyFile, keys_path

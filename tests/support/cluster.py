@@ -13,8 +13,8 @@ import psutil
 import ray
 from ray import serve
 
-from cluster.controller import app_name_for
 from cluster.plan_report import PlanReport
+from cluster.serve_apps import app_name_for
 from cluster.spec import load_models
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 from deployments.replica import REPLICA_DEPLOYMENT, ReplicaInfo, ReplicaStats

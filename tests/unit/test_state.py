@@ -9,8 +9,9 @@ import math
 
 import pytest
 
-from cluster.controller import adoptable, app_name_for, trim_lost
+from cluster.controller import trim_lost
 from cluster.planner import Placement
+from cluster.serve_apps import adoptable, app_name_for
 from cluster.spec import ModelSpec
 from cluster.state import FORMAT, SavedState, load_state, save_state
 
