@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._cluster import write_results  # noqa: E402
 from nodes.models import starter_model_path  # noqa: E402
-from nodes.registry import Puller  # noqa: E402
+from nodes.pull import Puller  # noqa: E402
 from nodes.store import Store  # noqa: E402
 from tests.support.oci import (  # noqa: E402
     RegistryProxy,

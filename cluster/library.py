@@ -24,7 +24,7 @@ from typing import Any
 from nodes.errors import CorralError, InvalidRequest, ModelNotFound
 from nodes.gguf import check_gguf, is_projector, read_gguf
 from nodes.models import LocalModel, builtin_models, model_name
-from nodes.registry import Puller, source_of
+from nodes.pull import Puller, source_of
 from nodes.store import Store
 
 log = logging.getLogger("corral.library")

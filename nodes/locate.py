@@ -67,7 +67,7 @@ async def _locate_file(
         raise ModelLoadFailed(f"The {what} {path} is not on this node.")
     url = f"{spec.fetch_from}/api/blobs/{digest}"
     log.info("fetching %s (%s) from %s into %s", spec.model, digest, url, store.root)
-    from nodes.registry import Puller  # only a node that fetches pays for the import
+    from nodes.pull import Puller  # only a node that fetches pays for the import
 
     try:
         key = node_api_key()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from nodes.errors import ModelNotFound, PullFailed
-from nodes.registry import Puller
+from nodes.pull import Puller, hf
 from nodes.store import PROJECTOR_TYPE, Store
 from tests.support.oci import (
     PARAMS,
@@ -287,8 +287,6 @@ def test_a_hugging_face_pull_picks_the_quantization_and_verifies_it(
     file's URL points at the proxy, which serves it as the Hub's CDN would."""
     import huggingface_hub
 
-    from nodes import registry
-
     repo, revision = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF", "0123abc"
     size, sha256 = starter_path.stat().st_size, starter.model_digest.removeprefix("sha256:")
     listing = {
@@ -305,7 +303,7 @@ def test_a_hugging_face_pull_picks_the_quantization_and_verifies_it(
     def url(repo_id: str, filename: str, *, revision: str) -> str:
         return f"{proxy.url}/{repo_id}/resolve/{revision}/{filename}"
 
-    monkeypatch.setattr(registry, "_hf_files", files)
+    monkeypatch.setattr(hf, "list_files", files)
     monkeypatch.setattr(huggingface_hub, "hf_hub_url", url)
     served = f"/{repo}/resolve/{revision}/smollm2-135m-instruct-q4_1.gguf"
     proxy.files[served] = f"/v2/{REPOSITORY}/blobs/{starter.model_digest}"
@@ -377,8 +375,6 @@ def test_a_hugging_face_pull_brings_the_repositorys_projector(
     """The Hub's file list names a model and two projectors: the F16 one comes along."""
     import huggingface_hub
 
-    from nodes import registry as registry_module
-
     vision = with_projector(starter, projector_path)
     push_model(registry.url, REPOSITORY, "vision", vision)  # the proxy serves blobs from here
     projector = vision.manifest["layers"][1]["digest"]
@@ -388,7 +384,7 @@ def test_a_hugging_face_pull_brings_the_repositorys_projector(
         "mmproj-smolvlm-tiny-f16.gguf": (projector_path.stat().st_size, projector[7:]),
         "mmproj-smolvlm-tiny-q8_0.gguf": (1000, "2" * 64),
     }
-    monkeypatch.setattr(registry_module, "_hf_files", lambda repo_id, name: (listing, revision))
+    monkeypatch.setattr(hf, "list_files", lambda repo_id, name: (listing, revision))
     monkeypatch.setattr(
         huggingface_hub,
         "hf_hub_url",

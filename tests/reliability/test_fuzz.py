@@ -50,7 +50,7 @@ from deployments.ollama import protocol as ollama_protocol
 from nodes.engine import EngineSpec
 from nodes.errors import CorralError
 from nodes.models import check_name
-from nodes.registry import local_name
+from nodes.pull import local_name
 from nodes.store import Store
 from tests.support.local_backend import LocalBackend
 from tests.support.serve import serve_app
