@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._cluster import write_results  # noqa: E402
 from deployments.api import build_api  # noqa: E402
-from deployments.auth import KeyFile, Keyring, keys_path  # noqa: E402
+from deployments.auth import Keyring  # noqa: E402
+from deployments.keys import KeyFile, keys_path  # noqa: E402
 from nodes.engine import EngineSpec  # noqa: E402
 from tests.support.local_backend import LocalBackend  # noqa: E402
 from tests.support.serve import serve_app  # noqa: E402

@@ -10,8 +10,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cluster.settings import CorralSettings
+from cluster.settings import CorralSettings, load_settings
 from cluster.yamlfile import ConfigError
+from deployments.keys import KeyFile, KeyFileError, keys_path
+from nodes.logs import setup_logging
+from nodes.models import builtin_models
 
 app = typer.Typer(
     name="corral",
@@ -36,8 +39,6 @@ def fail(message: object, code: int = 1) -> typer.Exit:
 
 def load(config: Path | None, **overrides: object) -> CorralSettings:
     """Settings from the file, the environment and the given flags, or exit 2 saying why."""
-    from cluster.settings import load_settings
-
     try:
         return load_settings(config, **overrides)
     except ConfigError as exc:
@@ -52,6 +53,8 @@ ConfigOption = Annotated[
 
 def _version(value: bool) -> None:
     if value:
+        # cluster.server brings Ray Serve and FastAPI (about half a second): only the
+        # commands that start Corral pay for it, not `corral --help` or `corral pull`.
         from cluster.server import corral_version
 
         print(f"corral {corral_version()}")
@@ -84,9 +87,7 @@ def serve(
     cluster it joined, the models keep running when it stops, and the next
     start adopts them instead of loading them again.
     """
-    from cluster.server import StartupError, corral_version, start_corral
-    from nodes.logs import setup_logging
-    from nodes.models import builtin_models
+    from cluster.server import StartupError, corral_version, start_corral  # slow: see _version
 
     settings = load(
         config,
@@ -131,8 +132,6 @@ def serve(
 
 def open_api_warning(settings: CorralSettings) -> str | None:
     """A warning when the API faces the network and anyone there may use it."""
-    from deployments.auth import KeyFile, KeyFileError, keys_path
-
     host, _ = settings.listen
     if host in ("127.0.0.1", "::1", "localhost") or settings.auth.required:
         return None

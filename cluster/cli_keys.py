@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.cli import ConfigOption, app, console, fail, load
+from deployments.keys import KeyFile, KeyFileError, keys_path
+from nodes.models import check_name
 
 keys_app = typer.Typer(
     help="API keys: once one exists, every request needs `Authorization: Bearer <key>`.",
@@ -30,9 +32,7 @@ StateDirOption = Annotated[
 ]
 
 
-def _key_file(state_dir: Path | None, config: Path | None):
-    from deployments.auth import KeyFile, keys_path
-
+def _key_file(state_dir: Path | None, config: Path | None) -> KeyFile:
     settings = load(config, state_dir=state_dir)
     return KeyFile(keys_path(settings.state_path))
 
@@ -54,9 +54,6 @@ def keys_create(
     config: ConfigOption = None,
 ) -> None:
     """Make a new key and print it once: it is stored only as a hash."""
-    from deployments.auth import KeyFileError
-    from nodes.models import check_name
-
     allowed = None
     if models is not None:
         allowed = [m.strip() for m in models.split(",") if m.strip()]
@@ -89,9 +86,7 @@ def keys_create(
     print(secret)  # alone on stdout, so `KEY=$(corral keys create)` works
 
 
-def _existing(file) -> bool:
-    from deployments.auth import KeyFileError
-
+def _existing(file: KeyFile) -> bool:
     try:
         return bool(file.read())
     except KeyFileError:
@@ -105,8 +100,6 @@ def keys_list(
     config: ConfigOption = None,
 ) -> None:
     """Every key: id, name, models, when created, and whether it was revoked."""
-    from deployments.auth import KeyFileError
-
     file = _key_file(state_dir, config)
     try:
         keys = file.read()
@@ -139,8 +132,6 @@ def keys_revoke(
     config: ConfigOption = None,
 ) -> None:
     """Stop a key from working, from the next request on."""
-    from deployments.auth import KeyFileError
-
     file = _key_file(state_dir, config)
     try:
         record = file.revoke(key)

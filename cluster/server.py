@@ -18,9 +18,9 @@ from ray import serve
 
 from cluster.controller import start_controller
 from cluster.settings import CorralSettings
-from deployments.auth import keys_path
 from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
+from deployments.keys import keys_path
 from nodes import cpu_kernels
 from nodes.agent import LABEL_CPU_KERNELS, LABEL_NODE, LABEL_ROLE, NodeRecord
 from nodes.rayenv import (

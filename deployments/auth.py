@@ -1,38 +1,27 @@
-"""API keys: who may call the API, and which models each key may use.
+"""API key checks: who may call the API, and which models each key may use.
 
-Keys live in ``STATE_DIR/api-keys.json`` (mode 600) as SHA-256 hashes only;
-``corral keys create`` shows a key once and never stores it. A key is 32
-random bytes, so a fast hash is as safe as a slow one: there is nothing to
-guess a dictionary from.
+The keys themselves are stored by ``deployments/keys.py``. Once the key file
+holds any key (revoked ones included: revoking the last key must not open the
+API to everyone) or ``auth.required`` is set, every route but the health check
+(``GET /``) and the API docs needs ``Authorization: Bearer <key>`` (or
+``x-api-key: <key>``, as Anthropic's clients send it). ``Authenticate`` (ASGI
+middleware) checks it and answers 401 in the route's own error shape; the
+request's ``Grant`` then rides in the request context, and ``KeyScopedBackend``
+refuses (403) any model outside a limited key's list, hides those models from
+listings, and keeps the model library and the cluster's inner workings to
+unlimited keys.
 
-Once the file holds any key (revoked ones included: revoking the last key
-must not open the API to everyone) or ``auth.required`` is set, every route
-but the health check (``GET /``) and the API docs needs
-``Authorization: Bearer <key>`` (or ``x-api-key: <key>``, as Anthropic's clients
-send it). ``Authenticate`` (ASGI middleware) checks it
-and answers 401 in the route's own error shape; the request's ``Grant`` then
-rides in the request context, and ``KeyScopedBackend`` refuses (403) any
-model outside a limited key's list, hides those models from listings, and
-keeps the model library and the cluster's inner workings to unlimited keys.
-
-The ingress re-reads the file when it changes, so ``corral keys create`` and
-``revoke`` take effect on the next request without a restart.
+The ingress's ``Keyring`` re-reads the file when it changes, so ``corral keys
+create`` and ``revoke`` take effect on the next request without a restart.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import hmac
-import json
 import logging
 import os
-import secrets
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from deployments.backend import ModelBackend
 from deployments.context import current_request, note_model
 from deployments.errors import ApiError, classify
+from deployments.keys import ApiKey, KeyFile, KeyFileError, hash_key
 from deployments.middleware import HttpMiddleware
 from deployments.replica import Refused, StreamEvent
 from nodes.engine import Embeddings, GenerateRequest
@@ -52,13 +42,11 @@ log = logging.getLogger("corral.auth")
 
 T = TypeVar("T")
 
-KEYS_FILE = "api-keys.json"
-KEY_PREFIX = "corral-"
-# Paths anyone may call: the health check and the API's own documentation.
 # Anthropic's clients send the key as ``x-api-key: <key>``; taken when no Authorization is.
 API_KEY_HEADER = b"x-api-key"
-# The dashboard's page and assets are open too: they hold no data, and the page asks for a
-# key before it reads any.
+# Paths anyone may call: the health check and the API's own documentation. The dashboard's
+# page and assets are open too: they hold no data, and the page asks for a key before it
+# reads any.
 OPEN_PATHS = frozenset(
     {"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui", "/ui/"}
 )
@@ -75,51 +63,6 @@ class Forbidden(CorralError):
     """A good key asking for something it may not have (403)."""
 
     kind = "forbidden"
-
-
-class KeyFileError(Exception):
-    """The key file cannot be read or written; the message says which file and why."""
-
-
-def keys_path(state_dir: Path) -> Path:
-    return state_dir / KEYS_FILE
-
-
-def hash_key(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """One key as stored: never the key itself, only its hash."""
-
-    id: str
-    name: str
-    hash: str
-    created_at: str
-    models: tuple[str, ...] | None = None  # None: every model, and the model library
-    revoked_at: str | None = None
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at is not None
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["models"] = list(self.models) if self.models is not None else None
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ApiKey:
-        models = data.get("models")
-        return cls(
-            id=str(data["id"]),
-            name=str(data.get("name") or ""),
-            hash=str(data["hash"]),
-            created_at=str(data.get("created_at") or ""),
-            models=tuple(str(m) for m in models) if models is not None else None,
-            revoked_at=data.get("revoked_at"),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,102 +83,6 @@ class Grant:
 
 # The cluster's own nodes: they may read model files (blobs) and nothing else.
 NODE_GRANT = Grant("node", "cluster node", None)
-
-
-class KeyFile:
-    """The key file of one state directory: read, create, revoke (atomic, locked)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def read(self) -> list[ApiKey]:
-        """Every key, revoked ones included; [] if there is no file."""
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise KeyFileError(f"cannot read {self.path}: {exc.strerror}") from None
-        try:
-            doc = json.loads(text)
-            return [ApiKey.from_json(k) for k in doc["keys"]]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KeyFileError(
-                f"{self.path} is damaged ({exc}); restore it, or remove it and create new keys"
-            ) from None
-
-    def create(self, name: str = "", models: Sequence[str] | None = None) -> tuple[ApiKey, str]:
-        """A new key: its record, and the key itself (shown once, never stored)."""
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
-        with self._locked():
-            keys = self.read()
-            taken = {k.id for k in keys}
-            key_id = _new_id(taken)
-            record = ApiKey(
-                id=key_id,
-                name=name or key_id,
-                hash=hash_key(secret),
-                created_at=_now(),
-                models=tuple(dict.fromkeys(normalize_name(m) for m in models))
-                if models is not None
-                else None,
-            )
-            self._write([*keys, record])
-        return record, secret
-
-    def revoke(self, which: str) -> ApiKey:
-        """Revoke the key whose id or name is ``which``; KeyError if none, ValueError if the
-        name is ambiguous."""
-        with self._locked():
-            keys = self.read()
-            matches = [k for k in keys if k.id == which] or [k for k in keys if k.name == which]
-            if not matches:
-                raise KeyError(which)
-            if len(matches) > 1:
-                ids = ", ".join(k.id for k in matches)
-                raise ValueError(f"{len(matches)} keys are named {which!r} ({ids}); give the id")
-            target = matches[0]
-            if target.revoked:
-                return target
-            revoked = ApiKey(**{**asdict(target), "revoked_at": _now()})
-            self._write([revoked if k.id == target.id else k for k in keys])
-        return revoked
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One writer at a time (two `corral keys` commands at once)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    def _write(self, keys: list[ApiKey]) -> None:
-        body = json.dumps({"version": 1, "keys": [k.to_json() for k in keys]}, indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:  # mkstemp: mode 600
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-
-def _new_id(taken: set[str]) -> str:
-    while (key_id := "key-" + secrets.token_hex(4)) in taken:
-        pass
-    return key_id
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(slots=True)
@@ -344,6 +191,7 @@ class Authenticate(HttpMiddleware):
 
 
 def current_grant() -> Grant | None:
+    """The grant of the current request's key; None when no key was needed."""
     ctx = current_request()
     return ctx.grant if ctx is not None else None
 

@@ -40,7 +40,7 @@ from ray import serve
 from cluster.serve_apps import app_name_for
 from cluster.server import start_corral
 from cluster.state import STATE_FILE, load_state
-from deployments.auth import KeyFile, keys_path
+from deployments.keys import KeyFile, keys_path
 from tests.conftest import simulated_node
 from tests.support.cluster import (
     apply_models,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from deployments.auth import KeyFile, keys_path
+from deployments.keys import KeyFile, keys_path
 
 
 @contextlib.contextmanager

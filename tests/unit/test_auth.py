@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
-import os
-import stat
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from deployments.api import build_api
-from deployments.auth import KeyFile, Keyring, Unauthorized, hash_key, keys_path
+from deployments.auth import Keyring, KeyScopedBackend, Unauthorized
+from deployments.backend import ModelBackend
+from deployments.keys import KeyFile, keys_path
 from nodes.engine import EngineSpec
 from nodes.rayenv import node_api_key
 from tests.support.local_backend import LocalBackend
@@ -226,9 +225,6 @@ def test_the_health_check_docs_and_dashboard_page_stay_open(http):
 def test_the_key_scoped_backend_writes_out_every_backend_method():
     """A method ``ModelBackend`` gains must get its key check in ``KeyScopedBackend``:
     nothing is passed through to the real backend unless written out there."""
-    from deployments.auth import KeyScopedBackend
-    from deployments.backend import ModelBackend
-
     wanted = {n for n in vars(ModelBackend) if not n.startswith("_")}
     written = {n for n in vars(KeyScopedBackend) if not n.startswith("_")}
     assert wanted - written == set()
@@ -355,17 +351,6 @@ def test_the_node_key_is_derived_from_the_ray_token(monkeypatch):
     assert "a" * 16 not in first
 
 
-def test_the_key_file_holds_no_plaintext_key(state, keys):
-    path = keys_path(state)
-    text = path.read_text()
-    for key in keys.values():
-        assert key not in text
-        assert key[len("corral-") :][:12] not in text  # not even a prefix
-        assert hash_key(key) in text
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert {k["name"] for k in json.loads(text)["keys"]} == {"admin", "b-user", "old"}
-
-
 def test_keys_never_reach_the_logs(http, keys):
     """Good, wrong and revoked keys, at debug level (an access line per request)."""
     stream = io.StringIO()
@@ -401,16 +386,3 @@ def test_keyring_checks(tmp_path):
         with pytest.raises(Unauthorized):
             ring.check(header)
     assert ring.check(f"bearer {key}").key_id == record.id  # the scheme is case-insensitive
-
-
-def test_key_file_revoke_by_id_or_name(tmp_path):
-    file = KeyFile(keys_path(tmp_path))
-    one, _ = file.create("same")
-    two, _ = file.create("same")
-    with pytest.raises(ValueError, match="2 keys are named 'same'"):
-        file.revoke("same")
-    with pytest.raises(KeyError):
-        file.revoke("missing")
-    assert file.revoke(two.id).revoked
-    assert [k.revoked for k in file.read()] == [False, True]
-    assert not file.read()[0].revoked and file.read()[0].id == one.id

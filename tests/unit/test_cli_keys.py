@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from deployments.auth import KeyFile, Keyring, keys_path
+from deployments.auth import Keyring
+from deployments.keys import KeyFile, keys_path
 
 
 @pytest.fixture

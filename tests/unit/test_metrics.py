@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deployments import metrics as metrics_module
 from deployments.api import build_api
-from deployments.auth import KeyFile, Keyring, keys_path
+from deployments.auth import Keyring
+from deployments.keys import KeyFile, keys_path
 from deployments.metrics import cluster_families
 from nodes.engine import EngineSpec
 from nodes.errors import ServiceUnavailable

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from deployments.api import build_api
-from deployments.auth import KeyFile, Keyring, keys_path
+from deployments.auth import Keyring
+from deployments.keys import KeyFile, keys_path
 from nodes.engine import EngineSpec
 from nodes.logs import setup_logging
 from tests.support.local_backend import LocalBackend
