@@ -1,15 +1,20 @@
-"""The ``corral`` command."""
+"""The ``corral`` command: the app every command module registers on, what they share
+(settings, the one-line error, the options, reaching the API), and ``corral serve``."""
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 
+from cluster.api_client import ServerError, Unreachable, api_url, session
 from cluster.settings import CorralSettings, load_settings
 from cluster.yamlfile import ConfigError
 from deployments.keys import KeyFile, KeyFileError, keys_path
@@ -49,6 +54,20 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="Settings file (default: $CORRAL_CONFIG if set)."),
 ]
+HostOption = Annotated[
+    str | None, typer.Option(help="The Corral API to ask, HOST:PORT (default: settings' host).")
+]
+
+
+@contextmanager
+def corral(host: str | None, config: Path | None) -> Iterator[httpx.Client]:
+    """A client for the API the settings name; its failures exit 1 saying what went wrong."""
+    url = api_url(load(config, host=host).host)
+    try:
+        with session(url) as client:
+            yield client
+    except (Unreachable, ServerError) as exc:
+        raise fail(exc) from None
 
 
 def _version(value: bool) -> None:
@@ -150,9 +169,12 @@ def main() -> None:
     app()
 
 
-# Modules that register their commands on `app`: node start/stop, nodes, plan, apply, ps,
-# the model commands (pull, list, show, rm, cp, create, stop, run), and keys.
-from cluster import cli_keys, cli_models, cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
+# Modules that register their commands on `app`, in the order `corral --help` lists them:
+# keys, the model commands (pull, list, show, rm, cp, create, stop), run, node start/stop
+# and nodes, plan and apply, ps.
+from cluster import cli_keys, cli_models  # noqa: E402,F401,I001 (order: see above)
+from cluster import cli_chat  # noqa: E402,F401
+from cluster import cli_nodes, cli_plan, cli_ps  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

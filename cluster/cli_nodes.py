@@ -16,7 +16,18 @@ from rich.table import Table
 from cluster.cli import ConfigOption, app, console, fail, load
 from cluster.inventory import NodeStatus
 from cluster.settings import CorralSettings
-from nodes.agent import LABEL_CPU_KERNELS, NodePlan, NodeSettings
+from nodes.agent import (
+    LABEL_CPU_KERNELS,
+    NodePlan,
+    NodeSettings,
+    NodeStartError,
+    plan_node,
+    shell_line,
+    start_node,
+    stop_node,
+)
+from nodes.hardware import InventoryFileError
+from nodes.rayenv import token_path
 
 node_app = typer.Typer(
     help="Join this box to a Corral cluster, or take it out.", no_args_is_help=True
@@ -65,10 +76,6 @@ def node_start(
     ] = False,
 ) -> None:
     """Probe this box and start its Ray node with the RAM and VRAM it can offer."""
-    from nodes.agent import NodeStartError, plan_node, shell_line, start_node
-    from nodes.hardware import InventoryFileError
-    from nodes.rayenv import token_path
-
     if head == (address is not None):
         raise fail("say --head (this box starts the cluster) or --address HEAD:PORT (join one)")
     given = {
@@ -141,8 +148,6 @@ def say(text: str) -> None:
 @node_app.command("stop")
 def node_stop(state_dir: StateDirOption = None, config: ConfigOption = None) -> None:
     """Take this box's node out of the cluster (only the node `corral node start` ran)."""
-    from nodes.agent import NodeStartError, stop_node
-
     settings = load(config, state_dir=state_dir)
     try:
         record = stop_node(settings.state_path)
@@ -165,6 +170,8 @@ def nodes(
 ) -> None:
     """Every node of the cluster: role, state, CPU and its llama.cpp kernels, RAM, GPU and
     VRAM, models."""
+    # Imported here, not at the top: cluster.server brings Ray Serve and FastAPI (about
+    # half a second), which only the commands that join the cluster should pay for.
     from cluster.server import StartupError
 
     settings = load(config, state_dir=state_dir, ray_address=address)
@@ -181,6 +188,10 @@ def nodes(
 
 def fetch_nodes(settings: CorralSettings) -> list[NodeStatus]:
     """The cluster's nodes: from the controller if Corral serves, else probed now."""
+    # Ray, Serve and FastAPI load here, for the commands that join the cluster: cluster.server
+    # and deployments.backend alone add about half a second to every `corral` start. (Ray
+    # itself still loads at start, through cluster.inventory for NodeStatus; with NodeStatus
+    # from a module without Ray, `corral --help` and `corral pull` would skip it too.)
     import ray
 
     from cluster.inventory import InventoryMonitor

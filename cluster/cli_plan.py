@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,11 +14,11 @@ from rich.markup import escape
 
 from cluster.cli import ConfigOption, app, console, fail, load
 from cluster.cli_nodes import StateDirOption
-
-if TYPE_CHECKING:
-    from cluster.plan_report import PlanReport
-    from cluster.settings import CorralSettings
-    from cluster.spec import ModelSpec
+from cluster.plan_report import PlanReport, change_detail, counts, label
+from cluster.settings import CorralSettings
+from cluster.spec import ModelSpec, load_models
+from cluster.yamlfile import ConfigError
+from nodes.errors import CorralError
 
 FileOption = Annotated[
     Path,
@@ -49,11 +49,10 @@ def plan_command(
         return
     out = _stdout()
     _print_plan(out, report, file)
-    counts = _counts(report)
     if not report.changes:
         out.print(f"No changes: the cluster already runs what {file} declares.")
     else:
-        out.print(f"Plan: {counts}. Run `corral apply -f {file}` to make it so.")
+        out.print(f"Plan: {counts(report)}. Run `corral apply -f {file}` to make it so.")
 
 
 @app.command("apply")
@@ -81,15 +80,12 @@ def apply_command(
             out.print(f"No changes: the cluster already runs what {file} declares.")
         else:
             done = "Applied with failures" if report.failed else "Applied"
-            out.print(f"{done}: {_counts(report, past=True)}.")
+            out.print(f"{done}: {counts(report, past=True)}.")
     if report.failed or report.plan.unplaced:
         raise typer.Exit(1)
 
 
 def _load_specs(file: Path) -> list[ModelSpec]:
-    from cluster.spec import load_models
-    from cluster.yamlfile import ConfigError
-
     try:
         return load_models(file)
     except ConfigError as exc:
@@ -98,11 +94,13 @@ def _load_specs(file: Path) -> list[ModelSpec]:
 
 def _ask(settings: CorralSettings, method: str, specs: list[ModelSpec]) -> PlanReport:
     """Call the controller's ``plan`` or ``apply`` with ``specs``; exit with the reason on error."""
+    # Ray, Serve and FastAPI load here, not at the top: cluster.server and
+    # deployments.backend add about half a second that only the commands which join the
+    # cluster should pay (see cli_nodes.fetch_nodes).
     import ray
 
     from cluster.server import StartupError, cluster_address, join_cluster
     from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
-    from nodes.errors import CorralError
 
     address = cluster_address(settings)
     try:
@@ -135,8 +133,6 @@ def _ask(settings: CorralSettings, method: str, specs: list[ModelSpec]) -> PlanR
 
 
 def _print_plan(out: Console, report: PlanReport, file: Path, *, applied: bool = False) -> None:
-    from cluster.plan_report import change_detail, label
-
     for change in report.changes:
         style = _OP_STYLE[change.op]
         name = label(change.placement)
@@ -158,12 +154,6 @@ def _print_plan(out: Console, report: PlanReport, file: Path, *, applied: bool =
         )
     for note in report.plan.notes:
         out.print(f"[yellow]note[/]: {escape(note)}", highlight=False)
-
-
-def _counts(report: PlanReport, *, past: bool = False) -> str:
-    from cluster.plan_report import counts
-
-    return counts(report, past=past)
 
 
 def _as_dict(report: PlanReport) -> dict:

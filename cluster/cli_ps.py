@@ -7,26 +7,24 @@ Ollama's, so it works from any box that can reach the API, without joining Ray.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli import ConfigOption, app, fail, load
+from cluster.api_client import NEED_KEY, api_headers, api_url
+from cluster.cli import ConfigOption, HostOption, app, fail, load
 from cluster.planner import human_bytes
-from cluster.settings import parse_host
 from nodes.durations import format_duration
 
 
 @app.command("ps")
 def ps(
-    host: Annotated[
-        str | None, typer.Option(help="The Corral API to ask, HOST:PORT (default: settings' host).")
-    ] = None,
+    host: HostOption = None,
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
@@ -49,27 +47,8 @@ def ps(
         console.print(line, highlight=False, markup=False)
 
 
-def api_url(host: str) -> str:
-    """Where to reach the API that ``host`` (the listen address) serves."""
-    address, port = parse_host(host)
-    if address in ("0.0.0.0", "::", ""):
-        address = "127.0.0.1"
-    return f"http://{f'[{address}]' if ':' in address else address}:{port}"
-
-
-API_KEY_ENV = "CORRAL_API_KEY"
-NEED_KEY = f"set {API_KEY_ENV} to a key made by `corral keys create` on the head"
-
-
-def api_headers() -> dict[str, str]:
-    """The API key of ``CORRAL_API_KEY`` as a bearer header, when it is set."""
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def fetch_placements(url: str) -> list[dict[str, Any]]:
-    import httpx
-
+    """The placement rows of ``GET /api/cluster/placements``; OSError saying why not."""
     try:
         r = httpx.get(f"{url}/api/cluster/placements", headers=api_headers(), timeout=10)
     except httpx.HTTPError as exc:

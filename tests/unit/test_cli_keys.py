@@ -6,11 +6,11 @@ import json
 import os
 import stat
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
-from cluster.cli import app
+from cluster.cli import app, open_api_warning
+from cluster.settings import load_settings
 from deployments.auth import Keyring
 from deployments.keys import KeyFile, keys_path
 
@@ -79,24 +79,7 @@ def test_a_damaged_key_file_is_named(keys):
     assert result.exit_code == 1 and "api-keys.json is damaged" in result.stderr
 
 
-def test_the_model_commands_send_corral_api_key(monkeypatch):
-    from cluster.cli_models import connect, error_text
-
-    monkeypatch.delenv("CORRAL_API_KEY", raising=False)
-    assert "authorization" not in connect("http://box:1").headers
-    monkeypatch.setenv("CORRAL_API_KEY", "corral-abc")
-    assert connect("http://box:1").headers["authorization"] == "Bearer corral-abc"
-    refused = httpx.Response(401, json={"error": "The API key is not valid."})
-    assert error_text(refused) == (
-        "The API key is not valid; set CORRAL_API_KEY to a key made by `corral keys create` "
-        "on the head"
-    )
-
-
 def test_serving_the_lan_without_keys_warns(tmp_path):
-    from cluster.cli import open_api_warning
-    from cluster.settings import load_settings
-
     lan = load_settings(host="0.0.0.0:11434", state_dir=tmp_path)
     assert "no API key" in open_api_warning(lan)
     assert open_api_warning(load_settings(host="127.0.0.1:11434", state_dir=tmp_path)) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from cluster.cli_ps import api_url, failure_lines, ps_table
+from cluster.cli_ps import failure_lines, ps_table
 
 NOW = 1_800_000_000.0
 
@@ -68,16 +68,3 @@ def test_a_failed_model_says_when_it_is_retried_and_why():
     assert line[:7] == ["llama3.2:1b", "gpubox", "0", "(failed)", "0", "-", "retry"]
     assert line[7] == "in" and line[8] == "25s"
     assert failure_lines([row(), failed]) == [f"llama3.2:1b on gpubox FAILED: {why}"]
-
-
-@pytest.mark.parametrize(
-    ("host", "url"),
-    [
-        ("127.0.0.1:11434", "http://127.0.0.1:11434"),
-        ("0.0.0.0:8080", "http://127.0.0.1:8080"),  # listening everywhere: ask locally
-        ("box.lan", "http://box.lan:11434"),
-        ("[::1]:9000", "http://[::1]:9000"),
-    ],
-)
-def test_api_url(host, url):
-    assert api_url(host) == url
