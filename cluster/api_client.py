@@ -6,7 +6,7 @@ it, without Ray and without the model files. Every step is a small function
 taking an ``httpx.Client``; what Corral answers instead of doing it is a
 ``ServerError`` with its words, and a server that cannot be reached is
 ``Unreachable``. Turning those into an exit status is the commands' business
-(``cluster/cli.py``).
+(``corral()`` in ``cluster/cli_app.py``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from cluster.api_client import ServerError, call, chat
-from cluster.cli import ConfigOption, HostOption, app, corral, fail
+from cluster.cli_app import ConfigOption, HostOption, app, corral, fail
 from nodes.durations import parse_duration
 
 HELP = """Available commands:

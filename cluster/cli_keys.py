@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli import ConfigOption, app, console, fail, load
+from cluster.cli_app import ConfigOption, app, console, fail, load
 from deployments.keys import KeyFile, KeyFileError, keys_path
 from nodes.models import check_name
 

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.api_client import ServerError, call, follow, loaded_models, upload_blob
-from cluster.cli import ConfigOption, HostOption, app, corral, fail
+from cluster.cli_app import ConfigOption, HostOption, app, corral, fail
 from cluster.modelfile import ModelfileError, is_gguf, model_file, parse_modelfile
 from cluster.progress_view import ProgressView, human_size, modified, short_digest
 from nodes.models import normalize_name

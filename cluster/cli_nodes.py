@@ -13,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from cluster.cli import ConfigOption, app, console, fail, load
+from cluster.cli_app import ConfigOption, app, console, fail, load
 from cluster.inventory import NodeStatus
 from cluster.settings import CorralSettings
 from nodes.agent import (

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cluster.cli import ConfigOption, app, console, fail, load
+from cluster.cli_app import ConfigOption, app, console, fail, load
 from cluster.cli_nodes import StateDirOption
 from cluster.plan_report import PlanReport, change_detail, counts, label
 from cluster.settings import CorralSettings

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.api_client import NEED_KEY, api_headers, api_url
-from cluster.cli import ConfigOption, HostOption, app, fail, load
+from cluster.cli_app import ConfigOption, HostOption, app, fail, load
 from cluster.planner import human_bytes
 from nodes.durations import format_duration
 

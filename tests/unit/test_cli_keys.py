@@ -9,7 +9,8 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from cluster.cli import app, open_api_warning
+from cluster.cli import app
+from cluster.cli_serve import open_api_warning
 from cluster.settings import load_settings
 from deployments.auth import Keyring
 from deployments.keys import KeyFile, keys_path
