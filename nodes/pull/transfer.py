@@ -107,6 +107,7 @@ class Transfer:
         self._writing = threading.Lock()
         self._taken = 0  # records taken so far
         self._written = 0  # which of them the file holds
+        self._writes: set[asyncio.Task[None]] = set()  # of bytes, in worker threads now
 
     @property
     def recorded(self) -> bool:
@@ -190,6 +191,8 @@ class Transfer:
                 log.info("%s: the server ignores Range; fetching it whole", self.label)
                 await self._refetch(client, opener, fd, retries)
         finally:
+            if self._writes:  # a cancelled range's last write may still be running
+                await asyncio.wait(self._writes)
             await asyncio.to_thread(self._close, fd)
 
     def _open(self) -> int:
@@ -294,13 +297,26 @@ class Transfer:
             raise _Retryable(f"{response.url.host} ended the response early")
 
     async def _write(self, fd: int, part: Part, data: bytearray) -> None:
-        """``data`` at ``part``'s offset, by a worker thread; then it counts as done."""
-        await asyncio.to_thread(_write_at, fd, data, part.offset)
+        """``data`` at ``part``'s offset, by a worker thread; then it counts as done.
+
+        A write that started finishes even if the download is cancelled, and ``run``
+        waits for it before closing ``fd``: a write after the close could land in
+        whichever file reuses the descriptor's number.
+        """
+        write = asyncio.ensure_future(asyncio.to_thread(_write_at, fd, data, part.offset))
+        self._writes.add(write)
+        write.add_done_callback(self._written)
+        await asyncio.shield(write)
         part.done += len(data)
         self.completed += len(data)
         self.progress(self.completed)
         if time.monotonic() - self._saved_at >= STATE_INTERVAL:
             await self._save()
+
+    def _written(self, write: asyncio.Task[None]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled():
+            write.exception()  # its waiter, if any is left, raised it; no warning besides
 
     def _check(self, response: httpx.Response, part: Part, whole: bool) -> None:
         status = response.status_code
