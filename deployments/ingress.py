@@ -49,7 +49,7 @@ class IngressConfig:
     prefix_routing: bool = True  # a conversation goes back where its cache is
     load_timeout: float = 600.0  # seconds a request waits for its model to load
     models: str = ""  # the model store's root on this box (the head): blobs up and down
-    keys: str = ""  # the API key file (deployments/auth.py); "" : no keys
+    keys: str = ""  # the API key file (deployments/keys.py); "" : no keys
     auth_required: bool = False  # a key even before any exists
     max_body: int = DEFAULT_MAX_BODY  # bytes of a request body, model uploads excepted
 
