@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.openai.protocol import KeepAlive, OpenAIRequest
+from deployments.openai.protocol import OpenAIRequest
+from deployments.protocol_base import KeepAlive
 
 
 class Block(BaseModel):

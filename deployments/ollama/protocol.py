@@ -19,12 +19,10 @@ from pydantic import (
     AliasChoices,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    model_validator,
 )
 
-from deployments.openai.protocol import KeepAlive, refuse_lone_surrogates
+from deployments.protocol_base import KeepAlive, LenientRequest
 
 # Ollama lower-cases roles before it looks at them ("User" is "user").
 Role = Annotated[
@@ -35,18 +33,8 @@ Role = Annotated[
 ModelName = Annotated[str, Field(min_length=1, validation_alias=AliasChoices("model", "name"))]
 
 
-class OllamaRequest(BaseModel):
-    """Base for request bodies: unknown fields are kept (and logged), not refused."""
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def valid_unicode(cls, data: Any) -> Any:
-        return refuse_lone_surrogates(data)
-
-    def ignored_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
+class OllamaRequest(LenientRequest):
+    """Base for Ollama request bodies (``deployments/protocol_base.py``)."""
 
 
 class ToolCallFunctionIn(BaseModel):

@@ -1,9 +1,9 @@
 """OpenAI wire types: requests as clients send them, responses as clients expect them.
 
 Requests accept fields we do not know (OpenAI adds new ones often and clients
-send them); ``ignored_fields`` lists them so the serving layer can log them.
-Fields we know but cannot honour are refused in ``serving.py`` with a message,
-never silently dropped.
+send them); ``ignored_fields`` lists them so the serving layer can log them
+(``deployments/protocol_base.py``). Fields we know but cannot honour are
+refused in ``serving.py`` with a message, never silently dropped.
 """
 
 from __future__ import annotations
@@ -12,68 +12,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     model_serializer,
-    model_validator,
 )
 
-from nodes.durations import parse_duration
-from nodes.errors import InvalidRequest
-
-# Ollama's keep_alive ("5m", 300, 0, -1), accepted on OpenAI routes as an extension.
-KeepAlive = Annotated[
-    float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
-]
+from deployments.protocol_base import KeepAlive, LenientRequest
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-def refuse_lone_surrogates(data: Any) -> Any:
-    """``data`` unchanged; ``InvalidRequest`` naming the first string that is not Unicode text.
-
-    JSON may escape half of a UTF-16 pair ("\\ud800"); Python decodes it into a
-    string that no encoder takes, so it would fail deep inside an engine. It is
-    refused here, with the path of the field, for every request body.
-    """
-    stack: list[tuple[Any, str]] = [(data, "")]
-    while stack:  # not recursive: a body may nest as deep as the JSON parser allows
-        value, path = stack.pop()
-        if isinstance(value, str):
-            if not value.isascii():
-                try:
-                    value.encode()
-                except UnicodeEncodeError:
-                    where = f"'{path}'" if path else "The body"
-                    raise InvalidRequest(
-                        f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                        f"escape), which is not text. Send valid Unicode.",
-                        param=path or None,
-                    ) from None
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                name = str(key).encode(errors="backslashreplace").decode()  # a bad key: \\udc00
-                at = f"{path}.{name}" if path else name
-                stack.extend([(key, at), (item, at)])
-        elif isinstance(value, list):
-            stack.extend((item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value))
-    return data
-
-
-class OpenAIRequest(BaseModel):
-    """Base for request bodies: unknown fields are kept (and logged), not refused."""
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def valid_unicode(cls, data: Any) -> Any:
-        return refuse_lone_surrogates(data)
-
-    def ignored_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
+class OpenAIRequest(LenientRequest):
+    """Base for OpenAI request bodies (``deployments/protocol_base.py``)."""
 
 
 class TextPart(BaseModel):

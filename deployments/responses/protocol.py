@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from deployments.openai.protocol import KeepAlive, OpenAIRequest
+from deployments.openai.protocol import OpenAIRequest
+from deployments.protocol_base import KeepAlive
 
 
 class Part(BaseModel):
