@@ -1,12 +1,19 @@
 """What every API does with a generation or an embedding, whatever its wire format.
 
-``open_generation`` starts one and waits until the replica admits it, so that
-the errors found up front (unknown model, prompt too long, load failure) raise
-before any byte of the response is sent and become ordinary HTTP errors.
-``gather`` collects a whole answer for the non-streaming responses; ``embed``
-returns vectors or raises the replica's refusal.
+``answer`` is the one step every API's serving takes: open the generation and
+wait until the replica admits it, so that the errors found up front (unknown
+model, prompt too long, load failure) raise before any byte of the response is
+sent and become ordinary HTTP errors; then hand back the ``Generation`` to
+stream, or the whole ``Result`` gathered from it. ``embed`` returns vectors or
+raises the replica's refusal.
 
-Both APIs come through here, so this is where the metrics of a generation are
+When a replica dies after the request produced output, the dispatcher
+(``deployments/dispatch.py``) runs it again elsewhere, after a ``[Restarted]``
+batch: a gathered answer drops what it had and takes the new run's, since
+nothing reached the client yet; a stream has already sent that output, so it
+fails there with the replica's death.
+
+Every API comes through here, so this is where the metrics of a generation are
 recorded (``deployments/metrics.py``): its time to first token, counted from
 the request's arrival, its tokens and its decode speed, whether it is streamed
 or gathered.
@@ -16,13 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-
-from ray.exceptions import RayActorError
+from typing import Literal, overload
 
 from deployments.backend import ModelBackend
 from deployments.context import current_request
+from deployments.dispatch import Restarted
 from deployments.metrics import ApiMetrics, recording
 from deployments.replica import Admitted, Refused, StreamEvent
 from nodes.chat_output.calls import ToolCall
@@ -38,7 +45,7 @@ from nodes.errors import InvalidRequest
 
 log = logging.getLogger("corral.generation")
 
-Stream = AsyncIterator[list[StreamEvent]]
+Batches = AsyncIterator[list[StreamEvent | Restarted]]
 
 
 @dataclass(slots=True)
@@ -49,65 +56,123 @@ class Result:
     finished: Finished
     thinking: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    admitted: float = 0.0  # perf_counter() when the replica admitted the request
 
 
-async def open_generation(backend: ModelBackend, model: str, greq: GenerateRequest) -> Stream:
-    """The generation's stream, once its first event says the replica admitted it."""
+@overload
+async def answer(
+    backend: ModelBackend,
+    model: str,
+    greq: GenerateRequest,
+    *,
+    stream: Literal[False],
+    relax_think: bool = False,
+) -> Result: ...
+
+
+@overload
+async def answer(
+    backend: ModelBackend,
+    model: str,
+    greq: GenerateRequest,
+    *,
+    stream: bool,
+    relax_think: bool = False,
+) -> Generation | Result: ...
+
+
+async def answer(
+    backend: ModelBackend,
+    model: str,
+    greq: GenerateRequest,
+    *,
+    stream: bool,
+    relax_think: bool = False,
+) -> Generation | Result:
+    """Open the generation (up-front errors raise here); then the ``Generation`` to stream
+    when ``stream``, else its whole ``Result``.
+
+    ``relax_think``: a model that cannot think answers without thinking instead of
+    refusing. Agents on the Anthropic and Responses APIs (Claude Code, Codex) ask every
+    model to think; Ollama relaxes ``think`` on those routes the same way.
+    """
+    if relax_think:
+        generation = await _open_thinking_if_able(backend, model, greq)
+    else:
+        generation = await open_generation(backend, model, greq)
+    return generation if stream else await gather(generation)
+
+
+async def open_generation(backend: ModelBackend, model: str, greq: GenerateRequest) -> Generation:
+    """The generation, once its first event says the replica admitted it."""
     ctx = current_request()
     started = ctx.started if ctx is not None else time.perf_counter()
-    stream = backend.generate(model, greq)
+    batches: Batches = backend.generate(model, greq)
     try:
-        first = await anext(stream)
+        first = await anext(batches)
     except BaseException:
-        await stream.aclose()
+        await batches.aclose()
         raise
     if first and isinstance(first[0], Admitted):
-        metrics = recording()
-        return stream if metrics is None else _Measured(stream, metrics, model, started)
-    await stream.aclose()
+        return Generation(batches, recording(), model, started)
+    await batches.aclose()
     if first and isinstance(first[0], Refused):
         raise first[0].error
     raise RuntimeError(f"replica stream began with {first!r}, not Admitted")
 
 
-async def open_thinking_if_able(
+async def _open_thinking_if_able(
     backend: ModelBackend, model: str, greq: GenerateRequest
-) -> tuple[Stream, GenerateRequest]:
-    """``open_generation``, but a model that cannot think answers without thinking instead
-    of refusing; and the request that was opened (to open again, see ``gather``).
-
-    Agents on the Anthropic and Responses APIs (Claude Code, Codex) ask every model to
-    think; Ollama relaxes ``think`` on those routes the same way.
-    """
+) -> Generation:
     try:
-        return await open_generation(backend, model, greq), greq
+        return await open_generation(backend, model, greq)
     except InvalidRequest as exc:
         if exc.param != "think" or greq.think in (None, False):
             raise
     log.info("%s cannot think: answering without thinking", model)
-    relaxed = replace(greq, think=None)
-    return await open_generation(backend, model, relaxed), relaxed
+    return await open_generation(backend, model, replace(greq, think=None))
 
 
-class _Measured:
-    """A generation's stream that records its metrics as its events pass.
+class Generation:
+    """An admitted generation's batches, recording its metrics as they pass.
 
-    A class rather than an async generator so that ``aclose`` reaches the
+    Iterated, it is what a stream sends: a ``[Restarted]`` raises the replica's death,
+    since the output already sent cannot be taken back. ``batches()`` passes it on, for
+    ``gather``. A class rather than an async generator so that ``aclose`` reaches the
     backend's stream (and so cancels the generation) even if nobody iterated.
     """
 
-    def __init__(self, stream: Stream, metrics: ApiMetrics, model: str, started: float) -> None:
-        self._stream = stream
+    def __init__(
+        self, batches: Batches, metrics: ApiMetrics | None, model: str, started: float
+    ) -> None:
+        self._batches = batches
         self._metrics = metrics
         self._model = model
         self._started = started  # perf_counter() when the request arrived
         self._output_seen = False
+        self.admitted = time.perf_counter()  # when the replica took it (after any cold start)
 
-    def __aiter__(self) -> _Measured:
+    def __aiter__(self) -> Generation:
         return self
 
     async def __anext__(self) -> list[StreamEvent]:
-        batch = await anext(self._stream)
+        batch = await self._next()
+        if batch and isinstance(batch[0], Restarted):
+            raise batch[0].error
+        return batch  # type: ignore[return-value]
+
+    async def batches(self) -> Batches:
+        """Every batch, ``[Restarted]`` included."""
+        while True:
+            try:
+                yield await self._next()
+            except StopAsyncIteration:
+                return
+
+    async def _next(self) -> list[StreamEvent | Restarted]:
+        batch = await anext(self._batches)
+        if self._metrics is None:
+            return batch
         for event in batch:
             output = TextDelta | ThinkingDelta | ToolCallEvent | Finished
             if isinstance(event, output) and not self._output_seen:
@@ -118,34 +183,23 @@ class _Measured:
         return batch
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        await self._batches.aclose()
 
 
-async def gather(stream: Stream, again: Callable[[], Awaitable[Stream]] | None = None) -> Result:
-    """The text and the ``Finished`` event of a whole generation; closes the stream.
-
-    If the replica dies midway, nothing has reached the client yet: ``again`` (when
-    given) opens the generation anew, on another placement, once. A second death of the
-    request's replica (the backend counts them per request) is final.
-    """
-    try:
-        return await _gather(stream)
-    except RayActorError as exc:
-        if again is None:
-            raise
-        log.warning("the replica died before the answer was whole; running it again: %r", exc)
-        return await _gather(await again())
-
-
-async def _gather(stream: Stream) -> Result:
+async def gather(generation: Generation) -> Result:
+    """The text and the ``Finished`` event of a whole generation; closes it. A run that
+    starts over (``[Restarted]``) replaces what the earlier one gave."""
     parts: list[str] = []
     thoughts: list[str] = []
     calls: list[ToolCall] = []
     finished: Finished | None = None
     try:
-        async for batch in stream:
+        async for batch in generation.batches():
             for event in batch:
-                if isinstance(event, TextDelta):
+                if isinstance(event, Restarted):
+                    log.warning("the replica died before the answer was whole: %r", event.error)
+                    parts, thoughts, calls, finished = [], [], [], None
+                elif isinstance(event, TextDelta):
                     parts.append(event.text)
                 elif isinstance(event, ThinkingDelta):
                     thoughts.append(event.text)
@@ -154,10 +208,10 @@ async def _gather(stream: Stream) -> Result:
                 elif isinstance(event, Finished):
                     finished = event
     finally:
-        await stream.aclose()
+        await generation.aclose()
     if finished is None:
         raise RuntimeError("the replica's stream ended without a Finished event")
-    return Result("".join(parts), finished, "".join(thoughts), calls)
+    return Result("".join(parts), finished, "".join(thoughts), calls, generation.admitted)
 
 
 async def embed(

@@ -15,7 +15,14 @@ replica's slots keep what they read). ``with_affinity`` sends a request to the
 placement that served its conversation last, unless that one is busier than
 the least-loaded choice by more than ``AFFINITY_SLACK`` requests per replica: a
 bounded-load rule (like consistent hashing with bounded loads), so a popular
-conversation cannot pile onto one box while others idle.
+conversation cannot pile onto one box while others idle. ``conversation_of``
+and ``follows`` say which conversation a request belongs to and whether it has
+earlier turns worth going back for.
+
+``choose`` is the whole routing choice (strategy, then affinity): the one
+function a new rule (such as routing by the longest cached prefix) extends.
+The state it needs (loads, the last holder of a conversation) is kept by the
+ingress's placement router, ``deployments/placement_router.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
+
+from nodes.engine import GenerateRequest
+from nodes.models import normalize_name
 
 Strategy = Literal["least_loaded", "round_robin", "random"]
 STRATEGIES: tuple[Strategy, ...] = ("least_loaded", "round_robin", "random")
@@ -72,6 +82,28 @@ def conversation_key(model: str, turns: Sequence[str]) -> str:
         digest.update(part.encode("utf-8", "surrogatepass"))
         digest.update(b"\x00")
     return digest.hexdigest()
+
+
+def conversation_of(model: str, request: GenerateRequest) -> str:
+    """The affinity key of ``request``: its model and how its conversation starts."""
+    if request.messages is not None:  # up to the first user turn: what every turn repeats
+        turns = []
+        for m in request.messages:
+            turns.append(f"{m.role}\x00{m.content}")
+            if m.role == "user":
+                break
+        turns = ["\x00".join(turns)]
+    else:
+        turns = [request.prompt or ""]
+    return conversation_key(normalize_name(model), turns)
+
+
+def follows(request: GenerateRequest) -> bool:
+    """Whether ``request`` continues a conversation: a message after its first user turn
+    (the earlier answer and what came since are what a placement may hold cached)."""
+    messages = request.messages or ()
+    first_user = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages))
+    return first_user < len(messages) - 1
 
 
 AFFINITY_SLACK = 2  # requests per replica a cached prefix is worth waiting behind
@@ -128,6 +160,15 @@ class Router:
             return self._rng.choice(open_)
         self._turn += 1
         return open_[self._turn % len(open_)]
+
+
+def choose(
+    router: Router, candidates: Sequence[Candidate], holder: str | None = None
+) -> Candidate | None:
+    """The routing choice: ``router``'s pick among ``candidates``, then the bounded
+    preference for ``holder``, the placement that holds the request's prefix (None: the
+    request has no earlier turn worth going back for). None when every one is full."""
+    return with_affinity(candidates, router.choose(candidates), holder)
 
 
 def retry_after(candidates: Sequence[Candidate], seconds_per_request: float) -> float:

@@ -35,9 +35,9 @@ from deployments.anthropic import protocol as p
 from deployments.backend import ModelBackend
 from deployments.context import current_request
 from deployments.errors import anthropic_body, classify
-from deployments.generation import Result, gather, open_generation, open_thinking_if_able
+from deployments.generation import Result, answer
 from deployments.images import image_from_base64, image_from_url
-from deployments.openai.serving import MAX_STOP_SEQUENCES
+from deployments.protocol_base import log_ignored, stop_sequences
 from deployments.replica import StreamEvent
 from nodes.chat_output.calls import (
     Think,
@@ -71,19 +71,17 @@ class AnthropicServing:
 
     async def messages(self, req: p.MessagesRequest) -> p.Message | AsyncIterator[str]:
         greq = messages_to_engine(req)
-        stream, greq = await open_thinking_if_able(self._backend, req.model, greq)
+        result = await answer(self._backend, req.model, greq, stream=req.stream, relax_think=True)
         message_id = f"msg_{uuid.uuid4().hex}"
-        if req.stream:
-            return self._stream(stream, StreamedMessage(message_id, req.model))
-        result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
+        if not isinstance(result, Result):
+            return self._stream(result, StreamedMessage(message_id, req.model))
         return message_from(result, message_id, req.model)
 
     async def count_tokens(self, req: p.CountTokensRequest) -> p.TokenCount:
         """The prompt's tokens, as the model's own template and tokenizer make them: a
         generation of no tokens, whose usage counts the prompt."""
         greq = count_to_engine(req)
-        stream, greq = await open_thinking_if_able(self._backend, req.model, greq)
-        result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
+        result = await answer(self._backend, req.model, greq, stream=False, relax_think=True)
         return p.TokenCount(input_tokens=result.finished.usage.prompt_tokens)
 
     async def _stream(
@@ -107,11 +105,7 @@ class AnthropicServing:
 
 def messages_to_engine(req: p.MessagesRequest) -> GenerateRequest:
     """Turn a Messages request into an engine request, refusing what Corral cannot do."""
-    stop = tuple(req.stop_sequences or ())
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(
-            f"At most {MAX_STOP_SEQUENCES} stop sequences.", param="stop_sequences"
-        )
+    stop = stop_sequences(req.stop_sequences, "stop_sequences")
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k}
     params = SamplingParams(
         max_tokens=req.max_tokens,
@@ -129,8 +123,7 @@ def count_to_engine(req: p.CountTokensRequest) -> GenerateRequest:
 def _conversation(
     req: p.AnthropicRequest, params: SamplingParams, keep_alive: float | None
 ) -> GenerateRequest:
-    if ignored := req.ignored_fields():
-        log.info("ignoring fields Corral does not support: %s", ", ".join(ignored))
+    log_ignored(log, req)
     tools = anthropic_tools(req.tools)
     choice, parallel = anthropic_tool_choice(req.tool_choice, tools)
     turns: list[ChatMessage] = []

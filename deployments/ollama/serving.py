@@ -26,17 +26,18 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel
 
 from deployments.backend import ModelBackend
 from deployments.errors import classify
-from deployments.generation import embed, gather, open_generation
+from deployments.generation import Generation, Result, answer, embed
 from deployments.images import image_from_base64
 from deployments.ollama import protocol as p
+from deployments.protocol_base import log_ignored, refuse_empty_texts, refuse_unsupported
 from deployments.replica import StreamEvent
 from nodes.chat_output.calls import (
     history_calls,
@@ -100,15 +101,6 @@ _GO_MAX_DURATION = 2**63 - 1  # ns: how far in the future Ollama's "forever" lie
 _PARAMETER_COLUMN = 30  # width of the name column in /api/show's parameters
 
 
-@dataclass(slots=True)
-class _Generation:
-    """A generation the replica admitted, and when."""
-
-    stream: AsyncIterator[list[StreamEvent]]
-    started: float  # perf_counter() when the request arrived
-    admitted: float  # ... when the replica took it (after any cold start)
-
-
 # A function building one stream object: (model, text, done, done_reason, thinking,
 # tool calls) -> chunk.
 _Piece = Callable[[str, str, bool, str | None, str | None, Sequence[ToolCallEvent]], BaseModel]
@@ -124,39 +116,36 @@ class OllamaServing:
     # -- chat and generate ------------------------------------------------------------
 
     async def chat(self, req: p.ChatRequest) -> dict[str, Any] | AsyncIterator[str]:
-        started = time.perf_counter()
-        name = model_name(req.model)
-        model = await self._find(req.model, name)
-        if not req.messages:
-            reason = await self._load_or_unload(name, req.keep_alive)
-            return _chat_piece(req.model, "", True, reason).model_dump(exclude_none=True)
-        return await self._run(req, name, chat_to_engine(req, model), _chat_piece, started)
+        return await self._run(
+            req, bool(req.messages), lambda m: chat_to_engine(req, m), _chat_piece
+        )
 
     async def generate(self, req: p.GenerateRequest) -> dict[str, Any] | AsyncIterator[str]:
-        started = time.perf_counter()
-        name = model_name(req.model)
-        model = await self._find(req.model, name)
-        if not req.prompt:
-            reason = await self._load_or_unload(name, req.keep_alive)
-            return _generate_piece(req.model, "", True, reason).model_dump(exclude_none=True)
-        greq = generate_to_engine(req, model)
-        return await self._run(req, name, greq, _generate_piece, started)
+        return await self._run(
+            req, bool(req.prompt), lambda m: generate_to_engine(req, m), _generate_piece
+        )
 
     async def _run(
         self,
         req: p.GenerationFields,
-        name: str,
-        greq: GenerateRequest,
+        asked: bool,
+        to_engine: Callable[[LocalModel], GenerateRequest],
         piece: _Piece,
-        started: float,
     ) -> dict[str, Any] | AsyncIterator[str]:
-        generation = await self._open(name, greq, started)
-        if req.stream:
-            return self._stream(generation, req.model, piece)
-        whole = await gather(generation.stream, lambda: open_generation(self._backend, name, greq))
-        calls = [ToolCallEvent(i, call) for i, call in enumerate(whole.tool_calls)]
-        last = piece(req.model, whole.text, True, whole.finished.reason, whole.thinking, calls)
-        return _final(last, whole.finished, generation)
+        """A chat or a generate: ``asked`` is whether it has a prompt (without one it
+        loads or unloads the model); ``to_engine`` makes its engine request."""
+        started = time.perf_counter()
+        name = model_name(req.model)
+        model = await self._find(req.model, name)
+        if not asked:
+            reason = await self._load_or_unload(name, req.keep_alive)
+            return piece(req.model, "", True, reason, None, ()).model_dump(exclude_none=True)
+        result = await answer(self._backend, name, to_engine(model), stream=req.stream)
+        if not isinstance(result, Result):
+            return self._stream(result, req.model, piece, started)
+        calls = [ToolCallEvent(i, call) for i, call in enumerate(result.tool_calls)]
+        last = piece(req.model, result.text, True, result.finished.reason, result.thinking, calls)
+        return _final(last, result.finished, started, result.admitted)
 
     async def _load_or_unload(self, name: str, keep_alive: float | None) -> str:
         """An empty prompt: Ollama's way to load a model, or with keep_alive 0 to unload it."""
@@ -166,30 +155,28 @@ class OllamaServing:
         await self._backend.load_model(name, keep_alive)
         return "load"
 
-    async def _open(self, name: str, greq: GenerateRequest, started: float) -> _Generation:
-        """Start a generation; up-front errors raise before any byte is sent."""
-        stream = await open_generation(self._backend, name, greq)
-        return _Generation(stream, started, time.perf_counter())
-
-    async def _stream(self, gen: _Generation, model: str, piece: _Piece) -> AsyncIterator[str]:
+    async def _stream(
+        self, gen: Generation, model: str, piece: _Piece, started: float
+    ) -> AsyncIterator[str]:
         try:
-            async for batch in gen.stream:
+            async for batch in gen:
                 for obj in _pieces(batch, model, piece):
                     yield ndjson(obj.model_dump(exclude_none=True))
                 for event in batch:
                     if isinstance(event, Finished):
-                        yield ndjson(_final(piece(model, "", True, event.reason), event, gen))
+                        last = piece(model, "", True, event.reason, None, ())
+                        yield ndjson(_final(last, event, started, gen.admitted))
         except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
             log.warning("stream failed: %s", exc)
             yield ndjson_error(exc)
         finally:
-            await gen.stream.aclose()
+            await gen.aclose()
 
     # -- embeddings ---------------------------------------------------------------------
 
     async def embed(self, req: p.EmbedRequest) -> p.EmbedResponse:
         started = time.perf_counter()
-        _log_ignored(req, req.options, honoured=())  # embeddings sample nothing
+        log_ignored(log, req, req.options)  # embeddings sample nothing
         name = model_name(req.model)
         texts = embed_inputs(req)
         if not texts:  # Ollama loads the model and answers no vectors
@@ -209,7 +196,7 @@ class OllamaServing:
         )
 
     async def embeddings(self, req: p.EmbeddingsRequest) -> p.EmbeddingsResponse:
-        _log_ignored(req, req.options, honoured=())
+        log_ignored(log, req, req.options)
         name = model_name(req.model)
         if not req.prompt:
             await self._backend.load_model(name, req.keep_alive)
@@ -229,31 +216,31 @@ class OllamaServing:
         return p.PsResponse(models=running_models(rows, models, time.time_ns()))
 
     async def show(self, req: p.ShowRequest) -> p.ShowResponse:
-        _log_ignored(req)
+        log_ignored(log, req)
         if req.verbose:
             log.info("ignoring verbose: the backend gives no long arrays of the GGUF header")
         model, metadata = await self._backend.show_model(model_name(req.model))
         return show_response(model, metadata)
 
     async def pull(self, req: p.PullRequest) -> dict[str, Any] | AsyncIterator[str]:
-        _log_ignored(req)
+        log_ignored(log, req)
         # No name check here: a pull also takes hf.co/..., URLs and GGUF paths; the
         # backend refuses a bad one before its first progress object.
         return await self._progress(self._backend.pull(req.model.strip(), req.insecure), req.stream)
 
     async def create(self, req: p.CreateRequest) -> dict[str, Any] | AsyncIterator[str]:
-        _log_ignored(req)
+        log_ignored(log, req)
         name = model_name(req.model)
         recipe = create_recipe(req)
         return await self._progress(self._backend.create_model(name, recipe), req.stream)
 
     async def delete(self, req: p.ModelRequest) -> None:
-        _log_ignored(req)
+        log_ignored(log, req)
         await self._backend.delete_model(model_name(req.model))
         self._listing = None
 
     async def copy(self, req: p.CopyRequest) -> None:
-        _log_ignored(req)
+        log_ignored(log, req)
         source = model_name(req.source, "source")
         await self._backend.copy_model(source, model_name(req.destination, "destination"))
         self._listing = None
@@ -340,8 +327,8 @@ def check_digest(digest: str) -> str:
 
 def chat_to_engine(req: p.ChatRequest, model: LocalModel) -> GenerateRequest:
     """An Ollama chat as an engine request; the model's system prompt unless one is given."""
-    _log_ignored(req, req.options)
-    _refuse_common(req)
+    log_ignored(log, req, req.options, _OPTIONS.keys())
+    refuse_unsupported(req, "logprobs")
     tools = parse_tools(req.tools)
     tool_choice = parse_tool_choice(req.tool_choice, tools)
     messages = chat_messages(req.messages, model)
@@ -361,16 +348,15 @@ def chat_to_engine(req: p.ChatRequest, model: LocalModel) -> GenerateRequest:
 def generate_to_engine(req: p.GenerateRequest, model: LocalModel) -> GenerateRequest:
     """An Ollama generate as an engine request: the prompt is the user's turn of a chat
     (after ``system``, else the model's system prompt), or the whole prompt when ``raw``."""
-    _log_ignored(req, req.options)
-    _refuse_common(req)
+    log_ignored(log, req, req.options, _OPTIONS.keys())
+    refuse_unsupported(req, "logprobs")
     images = _images(req.images, "images", model)
     if images and req.raw:
         raise InvalidRequest(
             "Images need the model's chat template to place them: send them without raw: true.",
             param="raw",
         )
-    if req.suffix:
-        raise InvalidRequest("Fill-in-the-middle (suffix) is not supported.", param="suffix")
+    refuse_unsupported(req, "suffix")
     if req.template:
         raise InvalidRequest(
             "A per-request template is not supported: Corral prompts with the model's own "
@@ -440,9 +426,7 @@ def embed_inputs(req: p.EmbedRequest) -> list[str]:
     """The texts to embed: none for an empty input (a load), refusing empty list items."""
     if isinstance(req.input, str):
         return [req.input] if req.input else []
-    for i, text in enumerate(req.input):
-        if not text:
-            raise InvalidRequest("input must not contain empty strings.", param=f"input.{i}")
+    refuse_empty_texts(req.input)
     return req.input
 
 
@@ -482,11 +466,6 @@ def create_recipe(req: p.CreateRequest) -> dict[str, Any]:
         "license": req.license,
     }
     return {k: v for k, v in recipe.items() if v}
-
-
-def _refuse_common(req: p.GenerationFields) -> None:
-    if req.logprobs:
-        raise InvalidRequest("logprobs are not supported.", param="logprobs")
 
 
 def chat_messages(
@@ -558,17 +537,6 @@ def _option(key: str, value: Any) -> Any:
     if kind == _STRINGS and isinstance(value, list) and all(isinstance(s, str) for s in value):
         return value
     raise InvalidRequest(f"option {key!r} must be {kind}.", param=f"options.{key}")
-
-
-def _log_ignored(
-    req: p.OllamaRequest,
-    options: Mapping[str, Any] | None = None,
-    honoured: Collection[str] = _OPTIONS.keys(),
-) -> None:
-    if ignored := req.ignored_fields():
-        log.info("ignoring fields Corral does not support: %s", ", ".join(ignored))
-    if unused := sorted(set(options or {}).difference(honoured)):
-        log.info("ignoring options Corral cannot set per request: %s", ", ".join(unused))
 
 
 # -- response building ------------------------------------------------------------------
@@ -651,9 +619,10 @@ def _pieces(batch: list[StreamEvent], model: str, piece: _Piece) -> list[BaseMod
     return out
 
 
-def _final(last: BaseModel, finished: Finished, gen: _Generation) -> dict[str, Any]:
-    """The ``done`` object: the last piece with the generation's counts and durations."""
-    metrics = metrics_of(finished, gen.started, gen.admitted, time.perf_counter())
+def _final(last: BaseModel, finished: Finished, started: float, admitted: float) -> dict[str, Any]:
+    """The ``done`` object: the last piece with the generation's counts and durations
+    (``started``: when the request arrived; ``admitted``: when the replica took it)."""
+    metrics = metrics_of(finished, started, admitted, time.perf_counter())
     return {**last.model_dump(exclude_none=True), **metrics.model_dump()}
 
 

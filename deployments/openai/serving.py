@@ -22,9 +22,15 @@ from pydantic import BaseModel
 
 from deployments.backend import ModelBackend
 from deployments.errors import openai_sse_error
-from deployments.generation import embed, gather, open_generation
+from deployments.generation import Result, answer, embed
 from deployments.images import image_from_url
 from deployments.openai import protocol as p
+from deployments.protocol_base import (
+    log_ignored,
+    refuse_empty_texts,
+    refuse_unsupported,
+    stop_sequences,
+)
 from deployments.replica import StreamEvent
 from nodes.chat_output.calls import (
     ToolCall,
@@ -49,7 +55,6 @@ from nodes.models import LocalModel
 
 log = logging.getLogger("corral.openai")
 
-MAX_STOP_SEQUENCES = 16
 MAX_EMBEDDING_INPUTS = 2048
 
 
@@ -74,12 +79,10 @@ class OpenAIServing:
     # -- chat -------------------------------------------------------------------
 
     async def chat(self, req: p.ChatCompletionRequest) -> p.ChatCompletion | AsyncIterator[str]:
-        greq = chat_to_engine(req)
-        stream = await open_generation(self._backend, req.model, greq)
+        result = await answer(self._backend, req.model, chat_to_engine(req), stream=req.stream)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if req.stream:
-            return self._stream_sse(stream, _ChatChunks(rid, created, req.model, req.include_usage))
-        result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
+        if not isinstance(result, Result):
+            return self._stream_sse(result, _ChatChunks(rid, created, req.model, req.include_usage))
         calls = [_tool_call_out(c) for c in result.tool_calls]
         message = p.ChatMessageOut(
             content=None if calls and not result.text else result.text,
@@ -103,13 +106,12 @@ class OpenAIServing:
 
     async def completion(self, req: p.CompletionRequest) -> p.Completion | AsyncIterator[str]:
         greq = completion_to_engine(req)
-        stream = await open_generation(self._backend, req.model, greq)
+        result = await answer(self._backend, req.model, greq, stream=req.stream)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echo = greq.prompt if req.echo else ""
-        if req.stream:
+        if not isinstance(result, Result):
             chunks = _CompletionChunks(rid, created, req.model, echo, req.include_usage)
-            return self._stream_sse(stream, chunks)
-        result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
+            return self._stream_sse(result, chunks)
         return p.Completion(
             id=rid,
             created=created,
@@ -123,7 +125,7 @@ class OpenAIServing:
     # -- embeddings -------------------------------------------------------------
 
     async def embeddings(self, req: p.EmbeddingRequest) -> p.EmbeddingResponse:
-        _log_ignored(req)
+        log_ignored(log, req)
         texts = embedding_inputs(req)
         result = await embed(self._backend, req.model, texts, req.keep_alive)
         data = [
@@ -156,7 +158,7 @@ class OpenAIServing:
 
 def chat_to_engine(req: p.ChatCompletionRequest) -> GenerateRequest:
     """Turn an OpenAI chat request into an engine request, refusing what we cannot do."""
-    _log_ignored(req)
+    log_ignored(log, req)
     tools = parse_tools(req.tools)
     tool_choice = parse_tool_choice(req.tool_choice, tools)
     messages = tuple(_chat_message(i, m) for i, m in enumerate(req.messages))
@@ -188,7 +190,7 @@ def chat_to_engine(req: p.ChatCompletionRequest) -> GenerateRequest:
 
 def completion_to_engine(req: p.CompletionRequest) -> GenerateRequest:
     """Turn an OpenAI (legacy) completion request into an engine request."""
-    _log_ignored(req)
+    log_ignored(log, req)
     prompt = req.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -197,8 +199,7 @@ def completion_to_engine(req: p.CompletionRequest) -> GenerateRequest:
                 param="prompt",
             )
         prompt = prompt[0]
-    if req.suffix:
-        raise InvalidRequest("Fill-in-the-middle (suffix) is not supported.", param="suffix")
+    refuse_unsupported(req, "suffix")
     if req.best_of not in (None, 1):
         raise InvalidRequest("Only best_of=1 is supported.", param="best_of")
     params = sampling_params(req, max_tokens=req.max_tokens)
@@ -215,11 +216,8 @@ def sampling_params(
     """Sampling settings from a request; what it leaves out keeps llama.cpp's default."""
     if req.n != 1:
         raise InvalidRequest("Only n=1 is supported: send one request per completion.", param="n")
-    if req.logprobs:
-        raise InvalidRequest("logprobs are not supported.", param="logprobs")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    if len(stop) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(f"At most {MAX_STOP_SEQUENCES} stop sequences.", param="stop")
+    refuse_unsupported(req, "logprobs")
+    stop = stop_sequences(req.stop)
     given = {
         "temperature": req.temperature,
         "top_p": req.top_p,
@@ -281,9 +279,7 @@ def embedding_inputs(req: p.EmbeddingRequest) -> list[str]:
         raise InvalidRequest("Token arrays are not supported; send text.", param="input")
     if len(texts) > MAX_EMBEDDING_INPUTS:
         raise InvalidRequest(f"At most {MAX_EMBEDDING_INPUTS} inputs per request.", param="input")
-    for i, t in enumerate(texts):
-        if not t:
-            raise InvalidRequest("input must not contain empty strings.", param=f"input.{i}")
+    refuse_empty_texts(texts)  # type: ignore[arg-type]
     return texts  # type: ignore[return-value]
 
 
@@ -443,8 +439,3 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "base64":
         return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
     return vector
-
-
-def _log_ignored(req: p.OpenAIRequest) -> None:
-    if ignored := req.ignored_fields():
-        log.info("ignoring fields Corral does not support: %s", ", ".join(ignored))

@@ -27,8 +27,9 @@ from typing import Any
 
 from deployments.backend import ModelBackend
 from deployments.errors import classify
-from deployments.generation import Result, gather, open_generation, open_thinking_if_able
+from deployments.generation import Result, answer
 from deployments.images import image_from_url
+from deployments.protocol_base import log_ignored
 from deployments.replica import StreamEvent
 from deployments.responses import protocol as p
 from nodes.chat_output.calls import (
@@ -63,11 +64,10 @@ class ResponsesServing:
 
     async def create(self, req: p.ResponsesRequest) -> dict[str, Any] | AsyncIterator[str]:
         greq = responses_to_engine(req)
-        stream, greq = await open_thinking_if_able(self._backend, req.model, greq)
+        result = await answer(self._backend, req.model, greq, stream=req.stream, relax_think=True)
         head = ResponseHead(f"resp_{uuid.uuid4().hex}", int(time.time()), req)
-        if req.stream:
-            return self._stream(stream, StreamedResponse(head))
-        result = await gather(stream, lambda: open_generation(self._backend, req.model, greq))
+        if not isinstance(result, Result):
+            return self._stream(result, StreamedResponse(head))
         return response_from(result, head)
 
     async def _stream(
@@ -92,8 +92,7 @@ class ResponsesServing:
 
 def responses_to_engine(req: p.ResponsesRequest) -> GenerateRequest:
     """Turn a Responses request into an engine request, refusing what Corral cannot do."""
-    if ignored := req.ignored_fields():
-        log.info("ignoring fields Corral does not support: %s", ", ".join(ignored))
+    log_ignored(log, req)
     for name in ("previous_response_id", "conversation"):
         if getattr(req, name) is not None:
             raise InvalidRequest(

@@ -7,15 +7,20 @@ from collections import Counter
 
 import pytest
 
+from deployments import routing
 from deployments.routing import (
     STRATEGIES,
     Candidate,
     Route,
     Router,
+    conversation_of,
+    follows,
     least_loaded,
     merge_load,
     retry_after,
+    with_affinity,
 )
+from nodes.engine import ChatMessage, GenerateRequest
 
 DRAWS = 400  # enough that a fair choice among a handful misses one with odds ~1e-70
 
@@ -224,3 +229,56 @@ def test_retry_after_is_at_least_a_second(replicas, seconds):
 
 def test_retry_after_without_replicas_divides_by_one():
     assert retry_after([], seconds_per_request=12.0) == 12.0
+
+
+# --- prefix affinity -------------------------------------------------------------
+
+
+def test_a_conversation_goes_back_to_its_placement_within_the_bound():
+    a = Candidate("a", replicas=1, load=1, capacity=64)
+    b = Candidate("b", replicas=1, load=3, capacity=64)
+    c = Candidate("c", replicas=2, load=9, capacity=64)
+    assert with_affinity([a, b], a, holder="b").app == "b"  # 2 more: still worth it
+    assert with_affinity([a, c], a, holder="c").app == "a"  # 4.5 per replica: too busy
+    assert with_affinity([a, b], a, holder=None).app == "a"
+    assert with_affinity([a, b], a, holder="gone").app == "a"
+    full = Candidate("b", replicas=1, load=64, capacity=64)
+    assert with_affinity([a, full], a, holder="b").app == "a"
+
+
+def test_every_turn_of_a_conversation_has_the_same_key_and_others_differ():
+    system = ChatMessage("system", "You are terse.")
+    turn1 = GenerateRequest(messages=(system, ChatMessage("user", "Hi")))
+    turn2 = GenerateRequest(
+        messages=(
+            system,
+            ChatMessage("user", "Hi"),
+            ChatMessage("assistant", "Hello."),
+            ChatMessage("user", "How are you?"),
+        )
+    )
+    other = GenerateRequest(messages=(system, ChatMessage("user", "Bye")))
+    assert conversation_of("m", turn1) == conversation_of("m", turn2)
+    assert conversation_of("m", turn1) != conversation_of("m", other)
+    assert conversation_of("m", turn1) != conversation_of("n", turn1)
+
+
+def test_only_a_turn_after_an_answer_follows_itsconversation_of():
+    """Two people who both open with "hi" are not one conversation worth queueing for:
+    affinity starts once a turn has an answer before it."""
+    system = ChatMessage("system", "You are terse.")
+    hi = ChatMessage("user", "Hi")
+    assert not follows(GenerateRequest(messages=(hi,)))
+    assert not follows(GenerateRequest(messages=(system, hi)))
+    assert not follows(GenerateRequest(prompt="Hi"))
+    answered = (system, hi, ChatMessage("assistant", "Hello."), ChatMessage("user", "And?"))
+    assert follows(GenerateRequest(messages=answered))
+
+
+def test_the_routing_choice_is_the_strategy_then_the_affinity_bound():
+    a, b = cand("a", 1), cand("b", 3)
+    router = Router("least_loaded", seed=0)
+    assert routing.choose(router, [a, b]).app == "a"
+    assert routing.choose(router, [a, b], holder="b").app == "b"  # 2 more: still worth it
+    assert routing.choose(router, [a, cand("b", 4)], holder="b").app == "a"
+    assert routing.choose(router, [cand("a", 64), cand("b", 64)], holder="b") is None
