@@ -305,7 +305,7 @@ class Transfer:
         """
         write = asyncio.ensure_future(asyncio.to_thread(_write_at, fd, data, part.offset))
         self._writes.add(write)
-        write.add_done_callback(self._written)
+        write.add_done_callback(self._write_done)
         await asyncio.shield(write)
         part.done += len(data)
         self.completed += len(data)
@@ -313,7 +313,7 @@ class Transfer:
         if time.monotonic() - self._saved_at >= STATE_INTERVAL:
             await self._save()
 
-    def _written(self, write: asyncio.Task[None]) -> None:
+    def _write_done(self, write: asyncio.Task[None]) -> None:
         self._writes.discard(write)
         if not write.cancelled():
             write.exception()  # its waiter, if any is left, raised it; no warning besides
