@@ -80,7 +80,7 @@ def homelab(nodes: list[SimNode]) -> Iterator[Homelab]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from deployments.backend import NAMESPACE
+    from deployments.actors import NAMESPACE
     from nodes.rayenv import SYSTEM_CONFIG, ensure_token, token_path, use_in_this_process
 
     _sigterm_as_interrupt()

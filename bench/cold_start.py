@@ -278,11 +278,11 @@ def serve_log_times(logs: Path, app: str, since: float) -> dict[str, float]:
     return found
 
 
-def load_event(controller, model: str, since: float) -> dict | None:
+def load_event(controller, model: str, since: float):
     import ray
 
     events = ray.get(controller.events.remote(since), timeout=30)
-    return next((e for e in events if e["kind"] == "load" and e["model"] == model), None)
+    return next((e for e in events if e.kind == "load" and e.model == model), None)
 
 
 def one_run(index: int, http: httpx.Client, controller, lab, args: argparse.Namespace) -> Run:
@@ -303,8 +303,8 @@ def one_run(index: int, http: httpx.Client, controller, lab, args: argparse.Name
         with contextlib.suppress(psutil.Error):
             times["process"] = psutil.Process(info.pid).create_time()
     if event := load_event(controller, model, sent):
-        times["controller_ready"] = event["time"]
-        run.controller_reason = event["reason"]
+        times["controller_ready"] = event.time
+        run.controller_reason = event.reason
     logs = Path(lab.cluster.head_node.get_logs_dir_path())
     times.update(serve_log_times(logs, app_name_for(model, node), sent - 0.01))
     run.stages = {k: (times[k] - sent if times.get(k) else None) for k in STAGES}
@@ -447,7 +447,7 @@ def main() -> None:
 
     import ray
 
-    from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
+    from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
     from nodes.models import STARTER_MODEL
 
     print(

@@ -244,7 +244,7 @@ def deploy_model(args: argparse.Namespace) -> list[str]:
     """Two replicas of the starter model, one per node; the nodes they run on."""
     import ray
 
-    from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
+    from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
 
     controller = ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE)
     report = ray.get(controller.apply.remote([model_spec(args)]), timeout=600)

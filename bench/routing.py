@@ -108,7 +108,7 @@ def model_spec(args: argparse.Namespace):
 def deploy_model(args: argparse.Namespace) -> None:
     import ray
 
-    from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
+    from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
 
     controller = ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE)
     report = ray.get(controller.apply.remote([model_spec(args)]), timeout=300)

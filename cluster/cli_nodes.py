@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.cli_app import ConfigOption, app, console, fail, load
-from cluster.inventory import NodeStatus
 from cluster.settings import CorralSettings
+from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
+from deployments.views import NodeStatus
 from nodes.agent import (
     LABEL_CPU_KERNELS,
     NodePlan,
@@ -188,15 +189,12 @@ def nodes(
 
 def fetch_nodes(settings: CorralSettings) -> list[NodeStatus]:
     """The cluster's nodes: from the controller if Corral serves, else probed now."""
-    # Ray, Serve and FastAPI load here, for the commands that join the cluster: cluster.server
-    # and deployments.backend alone add about half a second to every `corral` start. (Ray
-    # itself still loads at start, through cluster.inventory for NodeStatus; with NodeStatus
-    # from a module without Ray, `corral --help` and `corral pull` would skip it too.)
+    # Ray, Serve and FastAPI load here, for the commands that join the cluster: they add
+    # about half a second to every `corral` start, `corral --help` and `corral pull` too.
     import ray
 
     from cluster.inventory import InventoryMonitor
     from cluster.server import StartupError, cluster_address, join_cluster
-    from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 
     address = cluster_address(settings)
     if address is None:
@@ -210,7 +208,7 @@ def fetch_nodes(settings: CorralSettings) -> list[NodeStatus]:
             controller = ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE)
         except ValueError:
             return asyncio.run(InventoryMonitor().settle(timeout=15))
-        return [NodeStatus.model_validate(n) for n in ray.get(controller.nodes.remote())]
+        return ray.get(controller.nodes.remote())
     finally:
         ray.shutdown()
 

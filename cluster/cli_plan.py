@@ -18,6 +18,7 @@ from cluster.plan_report import PlanReport, change_detail, counts, label
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, load_models
 from cluster.yamlfile import ConfigError
+from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
 from nodes.errors import CorralError
 
 FileOption = Annotated[
@@ -100,7 +101,6 @@ def _ask(settings: CorralSettings, method: str, specs: list[ModelSpec]) -> PlanR
     import ray
 
     from cluster.server import StartupError, cluster_address, join_cluster
-    from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
 
     address = cluster_address(settings)
     try:

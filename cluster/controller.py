@@ -31,30 +31,40 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import ray
 
 from cluster import crashloop, eviction, lenders
 from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
-from cluster.inventory import InventoryMonitor, NodeStatus
+from cluster.inventory import InventoryMonitor
 from cluster.library import Library
+from cluster.loads import LoadBook
 from cluster.plan_report import PlanReport, label, report_view
 from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
+from cluster.route_leases import RouteLeases
 from cluster.serve_apps import RayServeApps, ServeApps, actor_options, adoptable, app_name_for
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, Replicas, dump_models, parse_models
 from cluster.state import STATE_FILE, SavedState, load_state, save_state
+from cluster.views import event_counts, failed_view, node_uses, placement_load, placement_view
 from cluster.yamlfile import ConfigError
-from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ROUTES_TTL
-from deployments.replica import REPORT_HEARTBEAT, ReplicaLoad, ReplicaOptions, replica_app
+from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
+from deployments.placement_router import ROUTES_TTL
+from deployments.replica import ReplicaLoad, ReplicaOptions, replica_app
 from deployments.routing import Route
+from deployments.views import (
+    ClusterMetrics,
+    Event,
+    EventKind,
+    NodeStatus,
+    PlacementView,
+    PlanView,
+)
 from nodes.agent import LABEL_NODE
 from nodes.crashes import ProcessDeath
-from nodes.durations import FOREVER
 from nodes.engine import EngineSpec, RpcPart
 from nodes.errors import (
     CorralError,
@@ -71,8 +81,6 @@ from nodes.models import LocalModel, normalize_name
 log = logging.getLogger("corral.controller")
 
 TICK_SECONDS = 2.0  # how often the controller refreshes its view of the cluster
-# A replica's load report older than this is from a replica that is gone.
-REPORT_STALE = 3 * REPORT_HEARTBEAT + 1.0
 EVENTS_KEPT = 500
 MODELS_FILE_NAME = "models.yaml"  # what errors call a models file sent as text
 # How often placements lost with a node that fit nowhere are tried again (also whenever a
@@ -96,20 +104,17 @@ class Controller:
         self._files: dict[str, LocalModel] = {}  # the model file of each declared model
         self._on_demand: set[str] = set()  # models loaded by a request, not declared
         self._placements: dict[tuple[str, str], Placement] = {}  # what runs
-        self._ready_at: dict[tuple[str, str], float] = {}  # when each began to run
-        # app -> replica -> (when received, what it said): what replicas report
-        self._reports: dict[str, dict[str, tuple[float, ReplicaLoad]]] = {}
+        self._loads = LoadBook(settle=ROUTES_TTL)  # load reports, when each began to run
         self._timers: dict[str, Timers] = {}  # the autoscaler's, by model
         # Whether RPC workers may run (a split started since the last sweep found none, or
         # a controller before this one may have left some): the ticks then sweep them.
         self._lent = True
-        # model -> (when, keep_alive): loads asked without a request (Ollama's empty prompt)
-        self._touched: dict[str, tuple[float, float | None]] = {}
-        self._events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        self._events: deque[Event] = deque(maxlen=EVENTS_KEPT)
         # (kind, model, node, category) -> events since the controller started, for /metrics
-        self._event_counts: Counter[tuple[str, str, str, str]] = Counter()
+        self._event_counts: Counter[tuple[EventKind, str, str, str]] = Counter()
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._changing = asyncio.Lock()  # one change of placements at a time
+        self._leases = RouteLeases(ROUTES_TTL)  # which ingress may still use which routes
         self._inventory = InventoryMonitor()
         self._tasks: list[asyncio.Task[None]] = []
         # Placements lost with their node and not yet placed elsewhere, by (model, node).
@@ -120,9 +125,7 @@ class Controller:
         self._state_file = settings.state_path / STATE_FILE
         self._saved: SavedState | None = None  # what the state file holds
         self._recovered = asyncio.Event()  # set once the saved state is read back
-        self._deaths: dict[str, list[ProcessDeath]] = {}  # app -> how its processes died
-        self._failed: dict[str, crashloop.Failure] = {}  # model -> why it was given up on
-        self._retried_at: dict[str, float] = {}  # model -> when a failed one was tried again
+        self._crashes = crashloop.CrashBook()  # dying processes, failed models
         self._background: set[asyncio.Task] = set()  # take-downs and retries under way
         self._starting: set[str] = set()  # the apps being deployed and waited for
         self._deployed_at: dict[str, float] = {}  # app -> when it was last deployed (wall)
@@ -160,39 +163,12 @@ class Controller:
     async def report(self, app: str, replica: str, load: ReplicaLoad) -> None:
         """A replica's load (``deployments/replica.py`` sends it when it changes)."""
         self._start()
-        self._reports.setdefault(app, {})[replica] = (time.monotonic(), load)
+        self._loads.report(app, replica, load, time.monotonic())
 
     def _load_of(self, p: Placement, now: float) -> PlacementLoad:
         """``p``'s load from its replicas' fresh reports, in this controller's clock."""
-        reports = self._fresh_reports(app_name_for(*p.key), now)
-        in_flight = sum(load.in_flight for _, load in reports)
-        # A placement just loaded counts as used until the ingress that asked for it has
-        # had time to send the request it loaded for (it routes with what it was told).
-        last_use, keep_alive = self._ready_at.get(p.key, now) + ROUTES_TTL, None
-        ended = [
-            (received - r.idle_for, r.keep_alive)
-            for received, r in reports
-            if r.idle_for is not None
-        ]
-        if p.model in self._touched:
-            ended.append(self._touched[p.model])
-        if ended:
-            when, keep_alive = max(ended, key=lambda e: e[0])
-            last_use = max(last_use, when)
-        if keep_alive is None:
-            keep_alive = self._spec_of(p.model).keep_alive
-        idle_since = None if in_flight else last_use
-        slots = max((load.slots for _, load in reports), default=1)
-        return PlacementLoad(
-            p.model, p.node, p.replicas, in_flight, idle_since, keep_alive, slots=slots
-        )
-
-    def _fresh_reports(self, app: str, now: float) -> list[tuple[float, ReplicaLoad]]:
-        by_replica = self._reports.get(app, {})
-        for replica, (received, _) in list(by_replica.items()):
-            if now - received > REPORT_STALE:
-                del by_replica[replica]
-        return list(by_replica.values())
+        keep_alive = self._spec_of(p.model).keep_alive
+        return self._loads.load_of(p, app_name_for(*p.key), now, keep_alive)
 
     def _model_states(self, now: float) -> list[ModelState]:
         by_model: dict[str, list[PlacementLoad]] = {}
@@ -232,7 +208,7 @@ class Controller:
         total = sum(q.replicas for q in self._placements.values() if q.model == d.model)
         gone = await self._unload([(p, total - d.replicas)], d.reason)
         if gone:
-            self._event(d.op, d.model, p.node, d.reason, DECISION_CATEGORY[d.op])
+            self._event(EventKind(d.op), d.model, p.node, d.reason, DECISION_CATEGORY[d.op])
 
     async def _scale_up(self, d: Decision) -> None:
         spec = self._spec_of(d.model)
@@ -249,7 +225,7 @@ class Controller:
         for c in changes:
             if label(c.placement) not in failed:
                 self._event(
-                    "scale_up", d.model, c.placement.node, d.reason, DECISION_CATEGORY[d.op]
+                    EventKind.SCALE_UP, d.model, c.placement.node, d.reason, DECISION_CATEGORY[d.op]
                 )
 
     async def _unload(
@@ -262,8 +238,7 @@ class Controller:
         whole = [p for p, n in cuts if n >= p.replicas]
         for p in whole:  # out of the routes first
             self._placements.pop(p.key, None)
-        if whole:
-            await asyncio.sleep(ROUTES_TTL + 0.5)
+        await self._drain(whole, decided)
         done = []
         for p, n in cuts:
             load = self._load_of(p, time.monotonic())
@@ -284,37 +259,43 @@ class Controller:
         await self._save()
         return done
 
+    async def _drain(self, removed: Sequence[Placement], when: float) -> None:
+        """Wait until no ingress routes to the placements taken out of the routes at
+        ``when``: each has asked for new routes since, or its copy expired (see
+        ``cluster/route_leases.py``). Usually no wait at all: what is removed is idle."""
+        until = max((self._leases.drained_at(p.model, when) for p in removed), default=when)
+        if until > time.monotonic():
+            await asyncio.sleep(until - time.monotonic())
+
     def _drop_lost(self, model: str) -> None:
         for key in [k for k in self._lost if k[0] == model]:
             del self._lost[key]
         self._not_replaced.pop(model, None)
 
     def _forget(self, key: tuple[str, str]) -> None:
-        self._ready_at.pop(key, None)
-        self._reports.pop(app_name_for(*key), None)
-        self._deaths.pop(app_name_for(*key), None)
-        if not any(model == key[0] for model, _ in self._placements):
-            self._touched.pop(key[0], None)
+        placed = any(model == key[0] for model, _ in self._placements)
+        self._loads.forget(app_name_for(*key), key, model_placed=placed)
+        self._crashes.deaths.pop(app_name_for(*key), None)
 
-    def _event(self, kind: str, model: str, node: str, reason: str, category: str) -> None:
+    def _event(self, kind: EventKind, model: str, node: str, reason: str, category: str) -> None:
         """Record (and log) a cold start, eviction, scale or unload with its reason: free text
         for people, and a ``category`` from a short fixed vocabulary for /metrics."""
         log.info("%s: %s on %s: %s", kind, model, node, reason)
         self._events.append(
-            {
-                "time": time.time(),
-                "kind": kind,
-                "model": model,
-                "node": node,
-                "reason": reason,
-                "category": category,
-            }
+            Event(
+                time=time.time(),
+                kind=kind,
+                model=model,
+                node=node,
+                reason=reason,
+                category=category,
+            )
         )
         self._event_counts[kind, model, node, category] += 1
 
-    async def events(self, since: float = 0.0) -> list[dict]:
+    async def events(self, since: float = 0.0) -> list[Event]:
         """Recent cold starts, evictions, scalings and unloads, oldest first."""
-        return [e for e in self._events if e["time"] >= since]
+        return [e for e in self._events if e.time >= since]
 
     # -- faults: model processes that keep crashing (cluster/crashloop.py) ----------
 
@@ -328,31 +309,19 @@ class Controller:
             return  # a placement already removed: its last words change nothing
         if death.at < self._deployed_at.get(app, 0.0):
             return  # a note left by a process of an earlier deployment of the same placement
-        now = time.time()
-        known = crashloop.recent(self._deaths.get(app, []), now)  # older ones are forgotten
-        self._deaths[app] = crashloop.add(known, death)
+        self._crashes.died(app, death, time.time())
         log.warning("a process of %s died (pid %s): %s", app, death.pid, death.detail)
-        if key is not None and key[0] not in self._failed:
-            why = self._crash_loop_reason(app, key[1])
+        if key is not None and key[0] not in self._crashes.failed:
+            why = self._crashes.reason(app, key[1], time.time())
             if why is not None:
                 self._give_up(key, why)
-
-    def _crash_loop_reason(self, app: str, node: str, at_least: int = 0) -> str | None:
-        """Why ``app`` counts as crash-looping now (``at_least`` recent deaths of its
-        processes: the crash limit unless given); None while it does not."""
-        deaths = crashloop.recent(self._deaths.get(app, []), time.time())
-        if not deaths or len(deaths) < (at_least or crashloop.CRASH_LIMIT):
-            return None
-        return crashloop.failure_reason(deaths, node)
 
     def _give_up(self, key: tuple[str, str], why: str) -> None:
         """Mark ``key``'s model failed at once (requests get a 503 from now on), then take its
         placement down in the background, under the change lock."""
         model, node = key
-        failure = crashloop.fail(self._failed.get(model), model, node, why, time.time())
-        self._failed[model] = failure
-        self._retried_at.pop(model, None)
-        self._event("failed", model, node, why, "crash_loop")
+        self._crashes.fail(model, node, why, time.time())
+        self._event(EventKind.FAILED, model, node, why, "crash_loop")
         self._in_background(self._take_down(key))
 
     def _in_background(self, work) -> None:
@@ -371,8 +340,8 @@ class Controller:
 
     def _refuse_if_failed(self, name: str) -> None:
         """ModelFailed for a model given up on whose back-off still runs."""
-        failure = self._failed.get(name)
-        if failure is None or self._apps_of(name) or not failure.blocks(time.time()):
+        failure = self._crashes.blocking(name, time.time())
+        if failure is None or self._apps_of(name):
             return
         left = failure.retry_at - time.time()
         raise ModelFailed(
@@ -385,20 +354,9 @@ class Controller:
     def _forgive(self) -> None:
         """Forget the failures of models that have served well since they were retried, and
         retry the failed declared models whose back-off ran out."""
-        now = time.time()
-        for name, failure in list(self._failed.items()):
-            retried = self._retried_at.get(name)
-            if retried is not None and self._apps_of(name):
-                if now - retried > crashloop.FORGIVE_AFTER:
-                    del self._failed[name], self._retried_at[name]
-            elif name in self._declared and not failure.blocks(now) and retried is None:
-                self._retried_at[name] = now  # once per back-off: a failed retry waits for more
-                self._in_background(self.ensure(name, cause="retry"))
-
-    def _clear_failure(self, name: str) -> None:
-        """The user asked again (apply, stop): try the model at once, from the start."""
-        self._failed.pop(name, None)
-        self._retried_at.pop(name, None)
+        running = lambda name: bool(self._apps_of(name))  # noqa: E731
+        for name in self._crashes.due(time.time(), running, self._declared):
+            self._in_background(self.ensure(name, cause="retry"))
 
     # -- faults: the saved state, nodes that leave -------------------------------
 
@@ -425,7 +383,7 @@ class Controller:
         now = time.monotonic()
         for p in adopted:
             self._placements[p.key] = p
-            self._ready_at[p.key] = now
+            self._loads.ready(p.key, now, again=True)
             # Serve's count may lag ours if the last controller stopped mid-change.
             await self._serve.scale(app_name_for(*p.key), p.replicas)
         if orphans:
@@ -487,6 +445,7 @@ class Controller:
 
     async def _tick(self) -> None:
         await self._inventory.refresh()
+        self._leases.forget_expired(time.monotonic())
         self._forgive()
         if self._recovered.is_set() and not self._changing.locked():
             await self._reconcile()
@@ -521,7 +480,7 @@ class Controller:
                 self._forget(p.key)
                 earlier = self._lost[p.key].replicas if p.key in self._lost else 0
                 self._lost[p.key] = replace(p, replicas=p.replicas + earlier)
-                self._event("lost", p.model, p.node, why[p.key], "node_lost")
+                self._event(EventKind.LOST, p.model, p.node, why[p.key], "node_lost")
             if gone:  # nothing to drain: their replicas died with the node
                 apps = [app_name_for(*p.key) for p in gone]
                 await self._serve.delete(apps, drain=False)
@@ -550,7 +509,9 @@ class Controller:
                 continue
             added = c.after.replicas - (c.before.replicas if c.before else 0)
             was = trim_lost(self._lost, model, added)
-            self._event("replace", model, node, f"in place of {was} (node lost)", "node_lost")
+            self._event(
+                EventKind.REPLACE, model, node, f"in place of {was} (node lost)", "node_lost"
+            )
         for model in sorted({model for model, _ in self._lost}):
             missing = next((u for u in result.unplaced if u.model == model), None)
             failures = [why for c in changes for why in [failed.get(label(c.placement))] if why]
@@ -559,60 +520,29 @@ class Controller:
                 self._not_replaced[model] = why
                 where = ", ".join(sorted(node for m, node in self._lost if m == model))
                 why = f"not placed elsewhere: {why}"
-                self._event("not_replaced", model, where, why, "node_lost")
+                self._event(EventKind.NOT_REPLACED, model, where, why, "node_lost")
         for model in set(self._not_replaced) - {model for model, _ in self._lost}:
             del self._not_replaced[model]
 
     # -- what clients and the CLI ask -------------------------------------------
 
-    async def metrics(self) -> dict[str, Any]:
-        """The cluster's state for /metrics (``ModelBackend.cluster_metrics`` says the shape).
-
-        Only what the controller already holds: the replicas' last load reports, the
-        inventory's last probes and its event counts; a scrape must stay cheap.
-        """
+    async def metrics(self) -> ClusterMetrics:
+        """The cluster's state for /metrics: only what the controller already holds (the
+        replicas' last load reports, the inventory's last probes and its event counts); a
+        scrape must stay cheap."""
         await self._started()
         now = time.monotonic()
-        placements = []
-        for p in sorted(self._placements.values(), key=lambda p: p.key):
-            loads = [load for _, load in self._fresh_reports(app_name_for(*p.key), now)]
-            placements.append(
-                {
-                    "model": p.model,
-                    "node": p.node,
-                    "replicas": p.replicas,
-                    "in_flight": sum(load.in_flight for load in loads),
-                    "queued": sum(load.queued for load in loads),
-                    "slots": sum(load.slots for load in loads),
-                }
-            )
-        nodes, seen = [], set()
-        for s in self._inventory.snapshot():
-            if s.name in seen:  # a box that rejoined and left again: its first row is kept
-                continue
-            seen.add(s.name)
-            mine = [p for p in self._placements.values() if p.node == s.name]
-            up, probed = s.state == "up", s.ram_total is not None
-            nodes.append(
-                {
-                    "name": s.name,
-                    "up": up,
-                    "placements": len(mine),
-                    "replicas": sum(p.replicas for p in mine),
-                    "ram_total": s.ram_total if up else None,
-                    "ram_used": s.ram_used if up else None,
-                    "vram_total": sum(g.vram_total for g in s.gpus) if up and probed else None,
-                    "vram_used": sum(g.vram_used for g in s.gpus) if up and probed else None,
-                }
-            )
-        events = [
-            {"kind": kind, "model": model, "node": node, "reason": category, "count": n}
-            for (kind, model, node, category), n in sorted(self._event_counts.items())
-        ]
-        return {"placements": placements, "nodes": nodes, "events": events}
+        placements = sorted(self._placements.values(), key=lambda p: p.key)
+        return ClusterMetrics(
+            placements=[
+                placement_load(p, self._loads.loads(app_name_for(*p.key), now)) for p in placements
+            ],
+            nodes=node_uses(self._inventory.snapshot(), placements),
+            events=event_counts(self._event_counts),
+        )
 
-    async def nodes(self) -> list[dict]:
-        """Every node with its hardware, live use and models (JSON-ready)."""
+    async def nodes(self) -> list[NodeStatus]:
+        """Every node with its hardware, live use and models."""
         await self._started()
         if not self._inventory.nodes:  # asked before the first tick
             await self._inventory.refresh()
@@ -621,7 +551,7 @@ class Controller:
         for model, node in self._placements:
             if node in ids:
                 by_node.setdefault(ids[node], []).append(model)
-        return [s.model_dump() for s in self._inventory.snapshot(by_node)]
+        return self._inventory.snapshot(by_node)
 
     async def list_models(self) -> list[LocalModel]:
         """The library's models, and the declared ones (which run their `source`)."""
@@ -629,24 +559,8 @@ class Controller:
         models = {m.name: m for m in await asyncio.to_thread(self._library.models)}
         return sorted({**models, **self._files}.values(), key=lambda m: m.name)
 
-    # -- the model library (cluster/library.py) ---------------------------------
-
-    async def show_model(self, model: str) -> tuple[LocalModel, dict[str, Any]]:
-        return await asyncio.to_thread(self._library.show, model)
-
-    async def pull(self, model: str, insecure: bool = False) -> AsyncIterator[dict[str, Any]]:
-        """Pull progress, streamed to the caller (a Ray generator)."""
-        async for progress in self._library.pull(model, insecure):
-            yield progress
-
-    async def create_model(
-        self, model: str, recipe: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
-        async for progress in self._library.create(model, recipe):
-            yield progress
-
-    async def copy_model(self, source: str, destination: str) -> None:
-        await asyncio.to_thread(self._library.copy, source, destination)
+    # -- the model library: reads and deletions here; pulls, creates and copies run in
+    # the library service (cluster/library_service.py), off this event loop.
 
     async def delete_model(self, model: str) -> None:
         """Delete ``model``: refused while models.yaml declares it; its placements go first."""
@@ -664,15 +578,15 @@ class Controller:
         """Make sure ``model`` runs (Ollama's empty prompt); counts as a use of it that asks
         for ``keep_alive`` (None: the model's own)."""
         await self.ensure(model, cause="load")
-        self._touched[normalize_name(model)] = (time.monotonic(), keep_alive)
+        self._loads.touch(normalize_name(model), time.monotonic(), keep_alive)
 
     async def unload_model(self, model: str) -> bool:
         """Unload ``model``'s placements now, down to the replicas models.yaml keeps
         (Ollama's ``keep_alive: 0`` with no prompt); False if none was loaded."""
         await self._started()
         name = normalize_name(model)
-        was_failed = name in self._failed
-        self._clear_failure(name)  # `corral stop` of a failed model: try it afresh next time
+        was_failed = name in self._crashes.failed
+        self._crashes.clear(name)  # `corral stop` of a failed model: try it afresh next time
         if not self._apps_of(name):
             await asyncio.to_thread(self._model_file, name)  # ModelNotFound
         async with self._changing:
@@ -686,104 +600,44 @@ class Controller:
                     total -= n
             gone = await self._unload(cuts, "asked to unload", asked=True) if cuts else []
         for p in gone:
-            self._event("unload", p.model, p.node, "asked to unload (keep_alive 0)", "asked")
+            self._event(
+                EventKind.UNLOAD, p.model, p.node, "asked to unload (keep_alive 0)", "asked"
+            )
         self._drop_lost(name)  # asked to unload: not to be put back either
         if name not in self._declared and not self._apps_of(name):
             self._on_demand.discard(name)
         await self._save()
         return bool(gone) or was_failed
 
-    async def placements(self) -> list[dict]:
-        """What runs where, with the Serve status and the load of each placement (JSON-ready).
-
-        ``idle_for`` is None while it serves; ``expires_at`` (seconds since the epoch)
-        is when keep-alive unloads it, None if never.
-        """
+    async def placements(self) -> list[PlacementView]:
+        """What runs where, with the Serve status and the load of each placement, and the
+        models given up on."""
         await self._started()
         states = await self._serve.states()
         now, wall = time.monotonic(), time.time()
         rows = []
         for p in sorted(self._placements.values(), key=lambda p: p.key):
-            app = app_name_for(p.model, p.node)
-            state = states.get(app)
-            load = self._load_of(p, now)
-            spec = self._spec_of(p.model)
             total = sum(q.replicas for q in self._placements.values() if q.model == p.model)
-            held = total <= spec.replicas.min  # keep-alive unloads nothing below min
-            expires = None if held else load.expires_at
+            state, load = states.get(app_name_for(*p.key)), self._load_of(p, now)
+            spec, declared = self._spec_of(p.model), p.model in self._declared
             rows.append(
-                {
-                    "in_flight": load.in_flight,
-                    "slots": load.slots * p.replicas,
-                    "idle_for": None
-                    if load.idle_since is None
-                    else max(0.0, now - load.idle_since),
-                    "keep_alive": None if load.keep_alive == FOREVER else load.keep_alive,
-                    "expires_at": None if expires is None else wall + (expires - now),
-                    "held": held,
-                    "pinned": spec.pinned,
-                    "min": spec.replicas.min,
-                    "max": spec.replicas.max,
-                    "model": p.model,
-                    "node": p.node,
-                    "replicas": p.replicas,
-                    "context": p.context,
-                    "threads": p.threads,
-                    "gpu_layers": p.gpu_layers,
-                    "ram": p.ram,
-                    "vram": p.vram,
-                    "path": p.path,
-                    "reason": p.reason,
-                    # a split placement: the layers it keeps and those other nodes hold
-                    "layers": p.held if p.parts else None,
-                    "parts": [{"node": q.node, "layers": q.layers, "ram": q.ram} for q in p.parts],
-                    "declared": p.model in self._declared,
-                    "app": app,
-                    "status": state.status if state else "MISSING",
-                    "failure": None,
-                }
+                placement_view(
+                    p, state, load, spec, total=total, declared=declared, now=now, wall=wall
+                )
             )
-        return rows + [self._failed_row(f) for f in self._failed.values() if f.blocks(wall)]
+        failed = [
+            failed_view(f, self._spec_of(f.model), declared=f.model in self._declared)
+            for f in self._crashes.failed.values()
+            if f.blocks(wall)
+        ]
+        return rows + failed
 
-    def _failed_row(self, f: crashloop.Failure) -> dict:
-        """A model given up on, as a row of ``placements()``: no replica, and why."""
-        spec = self._spec_of(f.model)
-        return {
-            "in_flight": 0,
-            "slots": 0,
-            "idle_for": None,
-            "keep_alive": None,
-            "expires_at": None,
-            "held": False,
-            "pinned": spec.pinned,
-            "min": spec.replicas.min,
-            "max": spec.replicas.max,
-            "model": f.model,
-            "node": f.node,
-            "replicas": 0,
-            "context": None,
-            "threads": None,
-            "gpu_layers": None,
-            "ram": 0,
-            "vram": 0,
-            "path": None,
-            "reason": f.reason,
-            "declared": f.model in self._declared,
-            "app": app_name_for(f.model, f.node),
-            "status": "FAILED",
-            "failure": {
-                "reason": f.reason,
-                "since": f.since,
-                "retry_at": f.retry_at,
-                "attempts": f.attempts,
-            },
-        }
-
-    async def ensure(self, model: str, cause: str = "request") -> list[Route]:
+    async def ensure(self, model: str, cause: str = "request", origin: str = "") -> list[Route]:
         """The placements serving ``model`` with their load, loading one if it has none.
 
         Concurrent calls for the same cold model wait on one load. ``cause`` is why a load
         counts as a cold start: a ``request``, or Ollama's ``load`` (an empty prompt).
+        ``origin``: the ingress that asks, and will route by the answer for ``ROUTES_TTL``.
         """
         await self._started()
         name = normalize_name(model)
@@ -796,20 +650,17 @@ class Controller:
                 self._loading[name] = task
                 task.add_done_callback(lambda _: self._loading.pop(name, None))
             await asyncio.shield(task)
+        self._leases.took(name, origin, time.monotonic())
         return self._routes(name)
 
     def _routes(self, model: str) -> list[Route]:
         now, max_queue = time.monotonic(), self._settings.max_queue
         routes = []
         for p in self._placements.values():
-            if p.model != model:
-                continue
-            app = app_name_for(*p.key)
-            held: dict[str, int] = {}
-            for _, load in self._fresh_reports(app, now):
-                for origin, n in load.pending.items():
-                    held[origin] = held.get(origin, 0) + n
-            routes.append(Route(app, p.node, p.replicas, p.replicas * max_queue, held))
+            if p.model == model:
+                app = app_name_for(*p.key)
+                held = self._loads.held_by_origin(app, now)
+                routes.append(Route(app, p.node, p.replicas, p.replicas * max_queue, held))
         return routes
 
     async def plan(self, specs: list[ModelSpec]) -> PlanReport:
@@ -823,7 +674,7 @@ class Controller:
         await self._started()
         models = await self._resolve_all(specs)
         for spec in specs:  # applying a file again is asking to try them all again
-            self._clear_failure(spec.name)
+            self._crashes.clear(spec.name)
         async with self._changing:
             report = await self._plan(self._wanted(specs), models)
             self._declared = {s.name: s for s in specs}
@@ -850,7 +701,7 @@ class Controller:
         await self._started()
         return dump_models(list(self._declared.values()))
 
-    async def plan_file(self, text: str, *, apply: bool = False) -> dict[str, Any]:
+    async def plan_file(self, text: str, *, apply: bool = False) -> PlanView:
         """``plan`` (or ``apply``) of a models file's ``text``, as ``report_view`` shows it;
         a mistake in the file is an ``InvalidRequest`` naming its line."""
         try:
@@ -1004,8 +855,7 @@ class Controller:
                 why = next(iter(failed.values()))
                 self._fail_load_crashes(name, [c.placement for c in new], why)
                 raise ModelLoadFailed(f"The model '{name}' failed to load: {why}")
-            if name in self._failed:  # its back-off ran out and it loaded: on probation
-                self._retried_at[name] = time.time()
+            self._crashes.loaded(name, time.time())  # a failed one: on probation
             if name not in self._declared:
                 self._on_demand.add(name)
             self._drop_lost(name)  # what a lost node ran of it is back
@@ -1013,7 +863,11 @@ class Controller:
             took = time.monotonic() - started
             for c in new:
                 self._event(
-                    "load", name, c.placement.node, f"requested; ready in {took:.1f}s", cause
+                    EventKind.LOAD,
+                    name,
+                    c.placement.node,
+                    f"requested; ready in {took:.1f}s",
+                    cause,
                 )
 
     def _fail_load_crashes(self, name: str, tried: list[Placement], why: str) -> None:
@@ -1021,12 +875,9 @@ class Controller:
         does: the next requests get a 503 at once instead of crashing it again."""
         for p in tried:
             app = app_name_for(*p.key)
-            if self._deaths.pop(app, None):
-                self._failed[name] = crashloop.fail(
-                    self._failed.get(name), name, p.node, why, time.time()
-                )
-                self._retried_at.pop(name, None)
-                self._event("failed", name, p.node, why, "crash_loop")
+            if self._crashes.deaths.pop(app, None):
+                self._crashes.fail(name, p.node, why, time.time())
+                self._event(EventKind.FAILED, name, p.node, why, "crash_loop")
                 return
 
     async def _make_room(self, name: str, attempt, placed) -> None:
@@ -1051,7 +902,7 @@ class Controller:
         for p in await self._unload(cuts, why):
             victim = next(v for v in victims if v.key == p.key)
             self._event(
-                "evict",
+                EventKind.EVICT,
                 p.model,
                 p.node,
                 f"{why}; least recently used: {victim.describe(now)}",
@@ -1066,12 +917,12 @@ class Controller:
     async def _execute(self, changes: list[Change]) -> dict[str, str]:
         """Apply ``changes`` to Serve; returns why each failed placement failed."""
         stopping = [c.before for c in changes if c.op == "-" or c.reload]
+        removed = time.monotonic()
         for p in stopping:
             self._placements.pop(p.key, None)
             self._forget(p.key)
         if stopping:
-            # Let every ingress see the new routes before the replicas go away.
-            await asyncio.sleep(ROUTES_TTL + 0.5)
+            await self._drain(stopping, removed)
             await self._serve.delete([app_name_for(*p.key) for p in stopping])
         for c in changes:
             if c.op == "~" and not c.reload:  # only the replica count: the others keep running
@@ -1109,7 +960,7 @@ class Controller:
                 log.error("placement %s failed: %s", name, failed[name])
             else:
                 self._placements[p.key] = p
-                self._ready_at.setdefault(p.key, time.monotonic())
+                self._loads.ready(p.key, time.monotonic())
         await self._sweep_lenders()
         await self._save()
         return failed
@@ -1158,9 +1009,9 @@ class Controller:
                     del apps[app]
                 elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                     why = _last_line(state.message)  # a crash: "ActorDiedError()"
-                    failed[label(p)] = self._crash_loop_reason(app, p.node, 1) or why
+                    failed[label(p)] = self._crashes.reason(app, p.node, time.time(), 1) or why
                     del apps[app]
-                elif (why := self._crash_loop_reason(app, p.node)) is not None:
+                elif (why := self._crashes.reason(app, p.node, time.time())) is not None:
                     failed[label(p)] = why  # Serve would try it again and again
                     del apps[app]
             if apps and time.monotonic() > deadline:

@@ -9,13 +9,14 @@ once; it is tried again after a back-off that doubles with each failure in a
 row (``backoff``), or at once when the user applies the models file again or
 unloads it (``corral stop``).
 
-Pure functions of plain data; the controller keeps the records and the clock.
+Pure functions of plain data, and ``CrashBook``, the records the controller keeps;
+the clock is always a parameter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterable
+from dataclasses import dataclass, field
 
 from nodes.crashes import ProcessDeath
 
@@ -101,3 +102,64 @@ def fail(previous: Failure | None, model: str, node: str, reason: str, now: floa
     model has not served well since)."""
     attempts = previous.attempts + 1 if previous is not None else 1
     return Failure(model, node, reason, now, now + backoff(attempts), attempts)
+
+
+@dataclass
+class CrashBook:
+    """The controller's records of dying processes and failed models; the clock is a
+    parameter (wall time, as ``ProcessDeath.at``)."""
+
+    deaths: dict[str, list[ProcessDeath]] = field(default_factory=dict)  # by Serve app
+    failed: dict[str, Failure] = field(default_factory=dict)  # by model
+    retried_at: dict[str, float] = field(default_factory=dict)  # model -> when tried again
+
+    def died(self, app: str, death: ProcessDeath, now: float) -> None:
+        """A process of ``app`` died (older deaths are forgotten, one death told twice
+        counts once)."""
+        self.deaths[app] = add(recent(self.deaths.get(app, []), now), death)
+
+    def reason(self, app: str, node: str, now: float, at_least: int = 0) -> str | None:
+        """Why ``app`` counts as crash-looping (``at_least`` recent deaths: ``CRASH_LIMIT``
+        unless given); None while it does not."""
+        deaths = recent(self.deaths.get(app, []), now)
+        if not deaths or len(deaths) < (at_least or CRASH_LIMIT):
+            return None
+        return failure_reason(deaths, node)
+
+    def fail(self, model: str, node: str, why: str, now: float) -> Failure:
+        """Give up on ``model``: requests are refused until its back-off runs out."""
+        self.failed[model] = fail(self.failed.get(model), model, node, why, now)
+        self.retried_at.pop(model, None)
+        return self.failed[model]
+
+    def blocking(self, model: str, now: float) -> Failure | None:
+        """``model``'s failure while its back-off runs."""
+        failure = self.failed.get(model)
+        return failure if failure is not None and failure.blocks(now) else None
+
+    def loaded(self, model: str, now: float) -> None:
+        """``model`` loaded: if it had failed, it is on probation from ``now``."""
+        if model in self.failed:
+            self.retried_at[model] = now
+
+    def due(
+        self, now: float, running: Callable[[str], bool], declared: Container[str]
+    ) -> list[str]:
+        """Forget the failures of models that have served ``FORGIVE_AFTER`` since they were
+        tried again; return the failed declared models whose back-off ran out, to try once
+        more (each once per back-off: a retry that fails waits for the next)."""
+        retry = []
+        for name, failure in list(self.failed.items()):
+            retried = self.retried_at.get(name)
+            if retried is not None and running(name):
+                if now - retried > FORGIVE_AFTER:
+                    del self.failed[name], self.retried_at[name]
+            elif name in declared and not failure.blocks(now) and retried is None:
+                self.retried_at[name] = now
+                retry.append(name)
+        return retry
+
+    def clear(self, model: str) -> None:
+        """The user asked again (apply, stop): the model is tried at once, from the start."""
+        self.failed.pop(model, None)
+        self.retried_at.pop(model, None)

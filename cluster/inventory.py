@@ -18,42 +18,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import ray
-from pydantic import BaseModel
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from deployments.views import GpuStatus, NodeStatus
 from nodes.agent import LABEL_NODE, LABEL_ROLE, VRAM_RESOURCE
 from nodes.hardware import NodeInventory, current_inventory
 
 MIB = 1024**2
-
-
-class GpuStatus(BaseModel):
-    name: str
-    vram_total: int
-    vram_used: int
-
-
-class NodeStatus(BaseModel):
-    """One row of ``corral nodes`` and of ``GET /api/cluster/nodes``."""
-
-    name: str
-    node_id: str
-    address: str
-    role: str  # head, worker, or "-" for a Ray node Corral did not start
-    state: Literal["up", "down"]
-    cpu_model: str | None = None
-    cpu_cores: int | None = None
-    load_avg: float | None = None  # the 1-minute load average its probe saw
-    ram_total: int | None = None  # bytes, the box's own
-    ram_used: int | None = None
-    ram_offered: int = 0  # bytes Corral may use for models (Ray's "memory")
-    gpus: list[GpuStatus] = []
-    vram_offered_mib: int = 0
-    labels: dict[str, str] = {}  # the Ray labels it started with (corral.node, corral.gpu ...)
-    models: list[str] = []  # models with a replica on this node
-    note: str | None = None  # why it is down, why it has no GPU, ...
-    checked_at: float | None = None  # when its probe last answered (epoch seconds)
-    since: float | None = None  # up: when it joined; down: when it was last heard from
 
 
 @dataclass(frozen=True, slots=True)

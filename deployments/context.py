@@ -38,7 +38,6 @@ class RequestContext:
     grant: Any = None  # the API key's grant (deployments/auth.py); None: no key needed
     model: str | None = None  # the model the request named, once a backend call takes it
     route: str | None = None  # the matched route's path template, e.g. /api/blobs/{digest}
-    replica_deaths: int = 0  # model processes that died serving it (deployments/backend.py)
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("corral_request", default=None)

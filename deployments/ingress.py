@@ -24,9 +24,10 @@ import uvicorn
 from ray import serve
 from ray.serve.deployment import Application
 
+from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
 from deployments.api import DEFAULT_MAX_BODY, build_api
 from deployments.auth import Keyring
-from deployments.backend import CONTROLLER_ACTOR, NAMESPACE, ServeBackend
+from deployments.backend import ServeBackend
 from deployments.routing import Strategy
 from nodes.logs import setup_logging
 from nodes.rayenv import node_api_key, serve_replica_on_loopback

@@ -57,8 +57,9 @@ class LibraryClient:
         await self._library().copy_model.remote(source, destination)
 
     async def delete_model(self, model: str) -> None:
-        """Remove ``model``'s name (and blobs no other model uses)."""
-        await self._library().delete_model.remote(model)
+        """Remove ``model``'s name (and blobs no other model uses): the controller's, which
+        first unloads its placements and refuses a model the models file declares."""
+        await self._controller().delete_model.remote(model)
 
     async def load_model(self, model: str, keep_alive: float | None = None) -> None:
         """Make sure a replica of ``model`` runs, kept loaded for ``keep_alive``."""

@@ -37,7 +37,6 @@ import logging
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -56,6 +55,7 @@ from deployments.backend import ModelBackend
 from deployments.context import current_request
 from deployments.dashboard.activity import Activity
 from deployments.middleware import HttpMiddleware, SentStatus
+from deployments.views import ClusterMetrics, EventCount, EventKind, NodeUse, PlacementLoadView
 from nodes.engine import Finished
 from nodes.models import normalize_name
 
@@ -95,17 +95,17 @@ EVENT_COUNTERS: dict[str, str] = {
     "corral_placements_failed": "Placements given up on because their model process kept "
     "crashing, or crashed while loading (reason: crash_loop); tried again after a back-off.",
 }
-EVENT_KINDS: dict[str, str] = {
-    "load": "corral_cold_starts",
-    "evict": "corral_evictions",
-    "expire": "corral_unloads",
-    "scale_down": "corral_unloads",
-    "unload": "corral_unloads",
-    "scale_up": "corral_scale_ups",
-    "lost": "corral_placements_lost",
-    "replace": "corral_replacements",
-    "not_replaced": "corral_replacements_failed",
-    "failed": "corral_placements_failed",
+EVENT_KINDS: dict[EventKind, str] = {
+    EventKind.LOAD: "corral_cold_starts",
+    EventKind.EVICT: "corral_evictions",
+    EventKind.EXPIRE: "corral_unloads",
+    EventKind.SCALE_DOWN: "corral_unloads",
+    EventKind.UNLOAD: "corral_unloads",
+    EventKind.SCALE_UP: "corral_scale_ups",
+    EventKind.LOST: "corral_placements_lost",
+    EventKind.REPLACE: "corral_replacements",
+    EventKind.NOT_REPLACED: "corral_replacements_failed",
+    EventKind.FAILED: "corral_placements_failed",
 }
 
 _recording: ContextVar[ApiMetrics | None] = ContextVar("corral_metrics", default=None)
@@ -265,7 +265,7 @@ def _client_error(status: int) -> bool:
 
 
 def cluster_families(
-    state: Mapping[str, Any] | None, local: Mapping[tuple[str, str], int]
+    state: ClusterMetrics | None, local: Mapping[tuple[str, str], int]
 ) -> list[Metric]:
     """The cluster's families from ``state`` (``Controller.metrics``; None: the controller
     did not answer) and ``local``, this ingress's requests in flight by (model, node)."""
@@ -278,8 +278,8 @@ def cluster_families(
         "Requests this ingress has sent to each placement and not yet seen finish (exact).",
         labels=["model", "node"],
     )
-    placements = state["placements"] if state is not None else []
-    shown = {(p["model"], p["node"]) for p in placements}
+    placements = state.placements if state is not None else []
+    shown = {(p.model, p.node) for p in placements}
     for key in sorted(shown | set(local)):
         mine.add_metric(list(key), local.get(key, 0))
     if state is None:
@@ -288,12 +288,12 @@ def cluster_families(
         up,
         mine,
         *_placement_families(placements),
-        *_node_families(state["nodes"]),
-        *_event_families(state["events"]),
+        *_node_families(state.nodes),
+        *_event_families(state.events),
     ]
 
 
-def _placement_families(placements: Iterable[Mapping[str, Any]]) -> list[Metric]:
+def _placement_families(placements: Iterable[PlacementLoadView]) -> list[Metric]:
     labels = ["model", "node"]
     replicas = GaugeMetricFamily(
         "corral_placement_replicas", "Replicas of each placement (model on node).", labels=labels
@@ -310,10 +310,10 @@ def _placement_families(placements: Iterable[Mapping[str, Any]]) -> list[Metric]
         labels=labels,
     )
     for p in placements:
-        key = [p["model"], p["node"]]
-        replicas.add_metric(key, p["replicas"])
-        in_flight.add_metric(key, p["in_flight"])
-        queued.add_metric(key, p["queued"])
+        key = [p.model, p.node]
+        replicas.add_metric(key, p.replicas)
+        in_flight.add_metric(key, p.in_flight)
+        queued.add_metric(key, p.queued)
     return [replicas, in_flight, queued]
 
 
@@ -329,26 +329,23 @@ _NODE_GAUGES = (
 )
 
 
-def _node_families(nodes: Iterable[Mapping[str, Any]]) -> list[Metric]:
+def _node_families(nodes: Iterable[NodeUse]) -> list[Metric]:
     families = [GaugeMetricFamily(name, text, labels=["node"]) for name, text, _ in _NODE_GAUGES]
     for node in nodes:
         for family, (_, _, field) in zip(families, _NODE_GAUGES, strict=True):
-            value = node.get(field)
+            value = getattr(node, field)
             if value is not None:  # memory of a node not probed yet, or down
-                family.add_metric([node["name"]], float(value))
+                family.add_metric([node.name], float(value))
     return families
 
 
-def _event_families(events: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
+def _event_families(events: Iterable[EventCount]) -> Iterator[Metric]:
     families = {
         name: CounterMetricFamily(name, text, labels=["model", "node", "reason"])
         for name, text in EVENT_COUNTERS.items()
     }
     for e in events:
-        name = EVENT_KINDS.get(e["kind"])
-        if name is None:  # a kind a newer controller has and this ingress does not know
-            continue
-        families[name].add_metric([e["model"], e["node"], e["reason"]], e["count"])
+        families[EVENT_KINDS[e.kind]].add_metric([e.model, e.node, e.reason], e.count)
     yield from families.values()
 
 

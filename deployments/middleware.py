@@ -155,7 +155,7 @@ class CancelOnDisconnect(HttpMiddleware):
     Streaming responses notice on their own (the next send fails); a client
     waiting for a whole (non-streamed) answer is only noticed by listening for
     ``http.disconnect`` while the handler works. The generation path cancels its
-    replica stream when it is cancelled (``deployments/backend.py``).
+    replica stream when it is cancelled (``deployments/dispatch.py``).
     """
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -105,7 +105,8 @@ class PlacementRouter:
         # the model loads (a cold start), but not forever.
         try:
             routes = await asyncio.wait_for(
-                self._controller().ensure.remote(model), self._load_timeout
+                self._controller().ensure.remote(model, "request", self._origin),
+                self._load_timeout,
             )
         except TimeoutError:
             raise ServiceUnavailable(

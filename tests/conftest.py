@@ -109,7 +109,7 @@ def homelab(tmp_path_factory) -> Iterator[Homelab]:
     import ray
     from ray.cluster_utils import Cluster
 
-    from deployments.backend import NAMESPACE
+    from deployments.actors import NAMESPACE
     from nodes.rayenv import SYSTEM_CONFIG, ensure_token, token_path, use_in_this_process
 
     state_dir = tmp_path_factory.mktemp("state")

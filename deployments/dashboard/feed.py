@@ -22,6 +22,7 @@ from typing import Any
 from deployments.auth import Grant
 from deployments.backend import ModelBackend
 from deployments.dashboard.activity import Activity
+from deployments.views import Event, NodeStatus, PlacementView
 
 log = logging.getLogger("corral.dashboard")
 
@@ -34,9 +35,9 @@ FIRST_EVENTS = 100  # events a tab gets when it connects
 @dataclass
 class Snapshot:
     time: float
-    nodes: list[dict[str, Any]]
-    placements: list[dict[str, Any]]
-    events: list[dict[str, Any]]  # the last EVENTS_KEPT, oldest first
+    nodes: list[NodeStatus]
+    placements: list[PlacementView]
+    events: list[Event]  # the last EVENTS_KEPT, oldest first
     error: str | None = None  # why the controller's part is old or missing
     seq: int = 0
 
@@ -56,8 +57,8 @@ class _Listener:
         if self.last_event is None:
             events = snap.events[-FIRST_EVENTS:]
         else:
-            events = [e for e in snap.events if e["time"] > self.last_event]
-        self.last_event = events[-1]["time"] if events else (self.last_event or 0.0)
+            events = [e for e in snap.events if e.time > self.last_event]
+        self.last_event = events[-1].time if events else (self.last_event or 0.0)
         series = activity.series(self.charts_since)
         charts = {"bucket": activity.bucket, "full": self.charts_since is None, "series": series}
         rates = {m: activity.tokens_per_second(m) for m in series}
@@ -78,7 +79,7 @@ class Feed:
         self._listeners: set[_Listener] = set()
         self._task: asyncio.Task[None] | None = None
         self._latest: Snapshot | None = None
-        self._events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self._events: deque[Event] = deque(maxlen=EVENTS_KEPT)
         self._seq = 0  # snapshots taken, across polling tasks
 
     @property
@@ -122,7 +123,7 @@ class Feed:
         self._task = None
 
     async def _take(self, seq: int) -> Snapshot:
-        since = self._events[-1]["time"] if self._events else 0.0
+        since = self._events[-1].time if self._events else 0.0
         previous = self._latest
         try:
             nodes, placements, events = await asyncio.wait_for(
@@ -139,9 +140,9 @@ class Feed:
                 log.warning("dashboard: the controller did not answer: %s", why)
             old = previous or Snapshot(time.time(), [], [], [])
             return Snapshot(time.time(), old.nodes, old.placements, list(self._events), why, seq)
-        seen = {(e["time"], e["kind"], e["model"], e["node"]) for e in self._events}
+        seen = {(e.time, e.kind, e.model, e.node) for e in self._events}
         for e in events:
-            if (e["time"], e["kind"], e["model"], e["node"]) not in seen:
+            if (e.time, e.kind, e.model, e.node) not in seen:
                 self._events.append(e)
         return Snapshot(time.time(), nodes, placements, list(self._events), None, seq)
 
@@ -154,7 +155,7 @@ class Feed:
 
 def view(
     snap: Snapshot,
-    events: list[dict[str, Any]],
+    events: list[Event],
     activity: dict[str, Any],
     rates: dict[str, float],
     grant: Grant | None,
@@ -174,14 +175,14 @@ def view(
         "nodes": None if limited else node_views(snap.nodes, snap.placements),
         "placements": [
             {
-                **p,
-                "queued": max(0, int(p.get("in_flight") or 0) - int(p.get("slots") or 0)),
-                "tokens_per_s": rates.get(str(p.get("model")), 0.0),
+                **p.model_dump(mode="json"),
+                "queued": max(0, p.in_flight - p.slots),
+                "tokens_per_s": rates.get(p.model, 0.0),
             }
             for p in snap.placements
-            if allowed(p.get("model"))
+            if allowed(p.model)
         ],
-        "events": [e for e in events if allowed(e.get("model"))],
+        "events": [e.model_dump(mode="json") for e in events if allowed(e.model)],
         "activity": {
             **activity,
             "series": {m: rows for m, rows in activity["series"].items() if allowed(m)},
@@ -189,30 +190,23 @@ def view(
     }
 
 
-def node_views(
-    nodes: list[dict[str, Any]], placements: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def node_views(nodes: list[NodeStatus], placements: list[PlacementView]) -> list[dict[str, Any]]:
     """Each node with the RAM and VRAM its placements hold (``ram_models``,
     ``vram_models``), and its GPUs' VRAM summed (``vram_total``, ``vram_used``)."""
     held: dict[str, tuple[int, int]] = {}
     for p in placements:
-        replicas = p.get("replicas") or 0
-        ram, vram = held.get(str(p.get("node")), (0, 0))
-        held[str(p.get("node"))] = (
-            ram + (p.get("ram") or 0) * replicas,
-            vram + (p.get("vram") or 0) * replicas,
-        )
+        ram, vram = held.get(p.node, (0, 0))
+        held[p.node] = (ram + p.ram * p.replicas, vram + p.vram * p.replicas)
     out = []
     for n in nodes:
-        gpus = n.get("gpus") or []
-        ram_models, vram_models = held.get(n["name"], (0, 0))
+        ram_models, vram_models = held.get(n.name, (0, 0))
         out.append(
             {
-                **n,
+                **n.model_dump(mode="json"),
                 "ram_models": ram_models,
                 "vram_models": vram_models,
-                "vram_total": sum(g["vram_total"] for g in gpus) if gpus else None,
-                "vram_used": sum(g["vram_used"] for g in gpus) if gpus else None,
+                "vram_total": sum(g.vram_total for g in n.gpus) if n.gpus else None,
+                "vram_used": sum(g.vram_used for g in n.gpus) if n.gpus else None,
             }
         )
     return out

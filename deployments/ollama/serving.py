@@ -39,6 +39,7 @@ from deployments.images import image_from_base64
 from deployments.ollama import protocol as p
 from deployments.protocol_base import log_ignored, refuse_empty_texts, refuse_unsupported
 from deployments.replica import StreamEvent
+from deployments.views import PlacementView
 from nodes.chat_output.calls import (
     history_calls,
     parse_think,
@@ -669,7 +670,7 @@ def _listed(m: LocalModel) -> p.ListedModel:
 
 
 def running_models(
-    rows: list[dict[str, Any]], models: Mapping[str, LocalModel], now_ns: int
+    rows: list[PlacementView], models: Mapping[str, LocalModel], now_ns: int
 ) -> list[p.RunningModel]:
     """/api/ps: one entry per model, summed over its placements (``cluster_placements``).
 
@@ -677,10 +678,10 @@ def running_models(
     (never, shown as Ollama shows it: the far future, if any placement stays).
     """
     forever = now_ns + _GO_MAX_DURATION
-    by_model: dict[str, list[dict[str, Any]]] = {}
+    by_model: dict[str, list[PlacementView]] = {}
     for row in rows:
-        if row.get("failure") is None:  # a model given up on runs nowhere
-            by_model.setdefault(row["model"], []).append(row)
+        if row.failure is None:  # a model given up on runs nowhere
+            by_model.setdefault(row.model, []).append(row)
     running = []
     for name, placed in by_model.items():
         model = models.get(name)
@@ -689,19 +690,19 @@ def running_models(
             p.RunningModel(
                 name=name,
                 model=name,
-                size=sum((r["ram"] + r["vram"]) * r["replicas"] for r in placed),
+                size=sum((r.ram + r.vram) * r.replicas for r in placed),
                 digest=model.digest if model else "",
                 details=details(model.details if model else ModelDetails()),
                 expires_at=rfc3339(expires),
-                size_vram=sum(r["vram"] * r["replicas"] for r in placed),
-                context_length=max(r["context"] for r in placed),
+                size_vram=sum(r.vram * r.replicas for r in placed),
+                context_length=max(r.context or 0 for r in placed),
                 placements=[
                     p.Placement(
-                        node=r["node"],
-                        replicas=r["replicas"],
-                        status=r["status"],
-                        slots=r.get("slots", 0),
-                        in_flight=r.get("in_flight", 0),
+                        node=r.node,
+                        replicas=r.replicas,
+                        status=r.status,
+                        slots=r.slots,
+                        in_flight=r.in_flight,
                     )
                     for r in placed
                 ],
@@ -710,19 +711,18 @@ def running_models(
     return running
 
 
-def _expiry(row: Mapping[str, Any], now_ns: int, forever: int) -> int:
+def _expiry(row: PlacementView, now_ns: int, forever: int) -> int:
     """When a placement unloads if no request comes (ns since the epoch).
 
     A busy placement has no expiry yet: as Ollama shows it, it is its keep-alive
     from now (the time it would get were the request to end now); kept forever
     when its keep-alive is forever or it is held (not unloaded below ``min``).
     """
-    if row.get("expires_at") is not None:
-        return int(row["expires_at"] * 1e9)
-    keep_alive = row.get("keep_alive")
-    if keep_alive is None or row.get("held"):
+    if row.expires_at is not None:
+        return int(row.expires_at * 1e9)
+    if row.keep_alive is None or row.held:
         return forever
-    return now_ns + int(keep_alive * 1e9)
+    return now_ns + int(row.keep_alive * 1e9)
 
 
 def show_response(model: LocalModel, metadata: Mapping[str, Any]) -> p.ShowResponse:

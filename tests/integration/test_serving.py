@@ -19,7 +19,7 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
+from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
 from deployments.replica import REPLICA_DEPLOYMENT, ReplicaStats
 
 MODEL = "smollm2:135m"

@@ -16,8 +16,9 @@ from ray import serve
 from cluster.plan_report import PlanReport
 from cluster.serve_apps import app_name_for
 from cluster.spec import load_models
-from deployments.backend import CONTROLLER_ACTOR, NAMESPACE
+from deployments.actors import CONTROLLER_ACTOR, NAMESPACE
 from deployments.replica import REPLICA_DEPLOYMENT, ReplicaInfo, ReplicaStats
+from deployments.views import Event
 
 T = TypeVar("T")
 
@@ -39,12 +40,13 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
 
 
 def events(since: float, model: str | None = None, kind: str | None = None) -> list[dict]:
-    """The controller's events since ``since`` (wall clock), for ``model`` and ``kind``."""
-    found = ray.get(controller().events.remote(since), timeout=30)
+    """The controller's events since ``since`` (wall clock), for ``model`` and ``kind``, as
+    the JSON of ``/api/cluster/events`` (what a client sees)."""
+    found: list[Event] = ray.get(controller().events.remote(since), timeout=30)
     return [
-        e
+        e.model_dump(mode="json")
         for e in found
-        if (model is None or e["model"] == model) and (kind is None or e["kind"] == kind)
+        if (model is None or e.model == model) and (kind is None or e.kind == kind)
     ]
 
 

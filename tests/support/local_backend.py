@@ -26,9 +26,20 @@ from typing import Any
 
 import psutil
 
+from cluster.plan_report import NO_CHANGES
 from cluster.spec import parse_models
 from cluster.yamlfile import ConfigError
 from deployments.replica import ModelReplica, Refused, StreamEvent
+from deployments.views import (
+    ClusterMetrics,
+    Event,
+    EventCount,
+    NodeStatus,
+    NodeUse,
+    PlacementLoadView,
+    PlacementView,
+    PlanView,
+)
 from nodes.engine import Embeddings, EngineSpec, GenerateRequest, load_engine
 from nodes.errors import InvalidRequest, ModelNotFound
 from nodes.gguf import read_gguf
@@ -57,7 +68,7 @@ class LocalBackend:
         self.registry = dict(registry or {})
         self.blob_dir = blob_dir
         self.events: Counter[tuple[str, str, str]] = Counter()  # (kind, model, reason) -> n
-        self.event_log: list[dict[str, Any]] = []  # as the controller's ``events()``
+        self.event_log: list[Event] = []  # as the controller's ``events()``
         self.declared = ""  # the models file "applied" (a plan here changes nothing)
 
     def replica(self, model: str, cause: str = "request") -> ModelReplica:
@@ -83,90 +94,100 @@ class LocalBackend:
     ) -> Embeddings | Refused:
         return await self.replica(model).embed(texts, keep_alive=keep_alive)
 
-    async def cluster_nodes(self) -> list[dict]:
+    async def cluster_nodes(self) -> list[NodeStatus]:
         return []  # no cluster in process; the integration suite checks the real view
 
-    async def cluster_placements(self) -> list[dict[str, Any]]:
+    async def cluster_placements(self) -> list[PlacementView]:
         """One placement on node "local" per loaded model, shaped as the controller's."""
         return [self._placement(name, r) for name, r in self.replicas.items()]
 
-    def _placement(self, name: str, replica: ModelReplica) -> dict[str, Any]:
+    def _placement(self, name: str, replica: ModelReplica) -> PlacementView:
         load = replica.load()
         keep_alive = DEFAULT_KEEP_ALIVE if load.keep_alive is None else load.keep_alive
         expires_at = None
         if load.idle_for is not None and keep_alive != math.inf:
             expires_at = time.time() + keep_alive - load.idle_for
-        return {
-            "model": name,
-            "node": NODE,
-            "replicas": 1,
-            "in_flight": load.in_flight,
-            "slots": load.slots,
-            "idle_for": load.idle_for,
-            "keep_alive": None if keep_alive == math.inf else keep_alive,
-            "expires_at": expires_at,
-            "ram": self.models[name].size,
-            "vram": 0,
-            "context": self.specs[name].n_ctx,
-            "status": "RUNNING",
-        }
+        return PlacementView(
+            model=name,
+            node=NODE,
+            app=name,
+            status="RUNNING",
+            replicas=1,
+            in_flight=load.in_flight,
+            slots=load.slots,
+            idle_for=load.idle_for,
+            keep_alive=None if keep_alive == math.inf else keep_alive,
+            expires_at=expires_at,
+            held=False,
+            pinned=False,
+            min=0,
+            max=1,
+            declared=False,
+            context=self.specs[name].n_ctx,
+            threads=self.specs[name].n_threads,
+            gpu_layers=0,
+            ram=self.models[name].size,
+            vram=0,
+            path=self.models[name].path,
+            reason="loaded in this process",
+        )
 
     # -- /metrics -------------------------------------------------------------------------
 
-    async def cluster_metrics(self) -> dict[str, Any]:
-        """Shaped as the controller's: this process's replicas, on this box's memory."""
+    async def cluster_metrics(self) -> ClusterMetrics:
+        """As the controller's: this process's replicas, on this box's memory."""
         loads = {name: replica.load() for name, replica in self.replicas.items()}
         memory = psutil.virtual_memory()
-        return {
-            "placements": [
-                {
-                    "model": name,
-                    "node": NODE,
-                    "replicas": 1,
-                    "in_flight": load.in_flight,
-                    "queued": load.queued,
-                    "slots": load.slots,
-                }
+        return ClusterMetrics(
+            placements=[
+                PlacementLoadView(
+                    model=name,
+                    node=NODE,
+                    replicas=1,
+                    in_flight=load.in_flight,
+                    queued=load.queued,
+                    slots=load.slots,
+                )
                 for name, load in loads.items()
             ],
-            "nodes": [
-                {
-                    "name": NODE,
-                    "up": True,
-                    "placements": len(loads),
-                    "replicas": len(loads),
-                    "ram_total": memory.total,
-                    "ram_used": memory.total - memory.available,
-                    "vram_total": 0,
-                    "vram_used": 0,
-                }
+            nodes=[
+                NodeUse(
+                    name=NODE,
+                    up=True,
+                    placements=len(loads),
+                    replicas=len(loads),
+                    ram_total=memory.total,
+                    ram_used=memory.total - memory.available,
+                    vram_total=0,
+                    vram_used=0,
+                )
             ],
-            "events": [
-                {"kind": kind, "model": model, "node": NODE, "reason": reason, "count": n}
+            events=[
+                EventCount(kind=kind, model=model, node=NODE, reason=reason, count=n)
                 for (kind, model, reason), n in sorted(self.events.items())
             ],
-        }
+        )
 
     def _event(self, kind: str, model: str, category: str) -> None:
         self.events[kind, model, category] += 1
         self.event_log.append(
-            {
-                "time": time.time(),
-                "kind": kind,
-                "model": model,
-                "node": NODE,
-                "reason": category,
-                "category": category,
-            }
+            Event(
+                time=time.time(),
+                kind=kind,
+                model=model,
+                node=NODE,
+                reason=category,
+                category=category,
+            )
         )
 
-    async def cluster_events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        return [e for e in self.event_log if e["time"] >= since]
+    async def cluster_events(self, since: float = 0.0) -> list[Event]:
+        return [e for e in self.event_log if e.time >= since]
 
     async def models_file(self) -> str:
         return self.declared
 
-    async def plan_models(self, text: str, apply: bool = False) -> dict[str, Any]:
+    async def plan_models(self, text: str, apply: bool = False) -> PlanView:
         """No planner in process: a file is read as the controller reads it (its mistakes
         are errors with their line), then plans to no change (the cluster's own planner is
         tested in the integration suite)."""
@@ -176,13 +197,7 @@ class LocalBackend:
             raise InvalidRequest(str(exc)) from None
         if apply:
             self.declared = text
-        return {
-            "changes": [],
-            "unchanged": [],
-            "unplaced": [],
-            "notes": [],
-            "summary": "No changes: the cluster already runs what the file declares.",
-        }
+        return PlanView(changes=[], unchanged=[], unplaced=[], notes=[], summary=NO_CHANGES)
 
     def requests_in_flight(self) -> dict[tuple[str, str], int]:
         return {(name, NODE): r.load().in_flight for name, r in self.replicas.items()}

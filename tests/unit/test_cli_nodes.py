@@ -6,7 +6,7 @@ from rich.console import Console
 
 import cluster.cli  # noqa: F401  (first: it imports the command modules in order)
 from cluster.cli_nodes import nodes_table
-from cluster.inventory import NodeStatus
+from deployments.views import NodeStatus
 
 
 def render(statuses: list[NodeStatus]) -> str:

@@ -6,12 +6,24 @@ import pytest
 from rich.console import Console
 
 from cluster.cli_ps import failure_lines, ps_table
+from deployments.views import PlacementView
 
 NOW = 1_800_000_000.0
 
 
-def row(**changes) -> dict:
+def row(**changes) -> PlacementView:
+    """A row of ``GET /api/cluster/placements`` as the CLI reads it back."""
     base = {
+        "app": "model-llama3-2-1b-gpubox",
+        "slots": 0,
+        "keep_alive": 300.0,
+        "max": 1,
+        "declared": False,
+        "context": 4096,
+        "threads": 4,
+        "gpu_layers": 0,
+        "path": None,
+        "reason": "fits",
         "model": "llama3.2:1b",
         "node": "gpubox",
         "replicas": 1,
@@ -25,10 +37,10 @@ def row(**changes) -> dict:
         "pinned": False,
         "min": 0,
     }
-    return {**base, **changes}
+    return PlacementView.model_validate({**base, **changes})
 
 
-def render(rows: list[dict]) -> list[str]:
+def render(rows: list[PlacementView]) -> list[str]:
     console = Console(width=200, record=True)
     console.print(ps_table(rows, NOW))
     return [line.split() for line in console.export_text().splitlines()]

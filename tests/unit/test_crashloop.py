@@ -8,6 +8,8 @@ from cluster.crashloop import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     CRASH_WINDOW,
+    FORGIVE_AFTER,
+    CrashBook,
     add,
     backoff,
     crash_looping,
@@ -79,3 +81,35 @@ def test_the_reason_says_how_often_how_fast_and_the_last_signal():
     assert failure_reason([caller(5.0)], "nas") == (
         "its process on nas crashed once; last: its process died"
     )
+
+
+def test_the_crash_book_fails_a_model_after_the_limit_and_retries_it_once_per_backoff():
+    book = CrashBook()
+    for at in (100.0, 110.0):
+        book.died("app-a", caller(at), now=at)
+    assert book.reason("app-a", "nas", now=111.0) is None
+    assert "crashed twice in 10s" in book.reason("app-a", "nas", now=111.0, at_least=2)
+    book.died("app-a", caller(120.0), now=120.0)
+    why = book.reason("app-a", "nas", now=121.0)
+    assert why is not None and "nas" in why
+    failure = book.fail("a:1", "nas", why, now=121.0)
+    assert book.blocking("a:1", now=122.0) == failure
+    assert book.blocking("a:1", now=121.0 + BACKOFF_FIRST) is None
+    # Its back-off ran out: a declared model is retried once, an undeclared one is not.
+    later = 121.0 + BACKOFF_FIRST
+    assert book.due(later, running=lambda m: False, declared={"a:1"}) == ["a:1"]
+    assert book.due(later + 1, running=lambda m: False, declared={"a:1"}) == []
+    assert book.due(later, running=lambda m: False, declared=set()) == []
+
+
+def test_the_crash_book_forgives_a_model_that_served_well_since_its_retry():
+    book = CrashBook()
+    book.fail("a:1", "nas", "crashed", now=0.0)
+    book.loaded("a:1", now=100.0)  # it loaded after its back-off: on probation
+    assert book.due(100.0 + FORGIVE_AFTER, running=lambda m: True, declared=set()) == []
+    assert "a:1" in book.failed
+    book.due(101.0 + FORGIVE_AFTER, running=lambda m: True, declared=set())
+    assert "a:1" not in book.failed
+    book.fail("b:1", "nas", "crashed", now=0.0)
+    book.clear("b:1")  # corral apply / corral stop: at once, from the start
+    assert book.blocking("b:1", now=1.0) is None

@@ -12,6 +12,7 @@ import pytest
 from deployments.auth import Grant
 from deployments.dashboard.activity import Activity
 from deployments.dashboard.feed import Feed, Snapshot, node_views, view
+from deployments.views import Event, GpuStatus, NodeStatus, PlacementView
 
 GIB = 1024**3
 
@@ -51,27 +52,56 @@ def test_activity_forgets_what_left_the_window():
     assert list(activity.series()) == ["b:1"]
 
 
+def node(name: str, state: str, gpus: list[GpuStatus], models: list[str]) -> NodeStatus:
+    return NodeStatus(
+        name=name, node_id=name, address="", role="worker", state=state, gpus=gpus, models=models
+    )
+
+
+def placement(model: str, node: str, **fields) -> PlacementView:
+    base = dict(
+        app=f"model-{model}-{node}",
+        status="RUNNING",
+        idle_for=None,
+        keep_alive=None,
+        expires_at=None,
+        held=False,
+        pinned=False,
+        min=0,
+        max=1,
+        declared=False,
+        context=2048,
+        threads=2,
+        gpu_layers=0,
+        path=None,
+        reason="",
+    )
+    return PlacementView(model=model, node=node, **{**base, **fields})
+
+
+def event(time: float, kind: str, model: str, node: str, reason: str) -> Event:
+    return Event(time=time, kind=kind, model=model, node=node, reason=reason, category=reason)
+
+
 NODES = [
-    {"name": "minipc", "state": "up", "gpus": [], "models": ["a:1"]},
-    {
-        "name": "gpubox",
-        "state": "down",
-        "gpus": [
-            {"name": "RTX 3090", "vram_total": 24 * GIB, "vram_used": 2 * GIB},
-            {"name": "RTX 3060", "vram_total": 12 * GIB, "vram_used": GIB},
+    node("minipc", "up", [], ["a:1"]),
+    node(
+        "gpubox",
+        "down",
+        [
+            GpuStatus(name="RTX 3090", vram_total=24 * GIB, vram_used=2 * GIB),
+            GpuStatus(name="RTX 3060", vram_total=12 * GIB, vram_used=GIB),
         ],
-        "models": ["b:1"],
-    },
+        ["b:1"],
+    ),
 ]
 PLACEMENTS = [
-    {"model": "a:1", "node": "minipc", "replicas": 2, "ram": GIB, "vram": 0, "in_flight": 6,
-     "slots": 4},
-    {"model": "b:1", "node": "gpubox", "replicas": 1, "ram": GIB, "vram": 3 * GIB,
-     "in_flight": 1, "slots": 4},
-]  # fmt: skip
+    placement("a:1", "minipc", replicas=2, ram=GIB, vram=0, in_flight=6, slots=4),
+    placement("b:1", "gpubox", replicas=1, ram=GIB, vram=3 * GIB, in_flight=1, slots=4),
+]
 EVENTS = [
-    {"time": 1.0, "kind": "load", "model": "a:1", "node": "minipc", "reason": "asked"},
-    {"time": 2.0, "kind": "lost", "model": "b:1", "node": "gpubox", "reason": "gone"},
+    event(1.0, "load", "a:1", "minipc", "asked"),
+    event(2.0, "lost", "b:1", "gpubox", "gone"),
 ]
 
 
@@ -121,7 +151,7 @@ class CountingBackend:
         return PLACEMENTS
 
     async def cluster_events(self, since: float = 0.0):
-        return [e for e in self.events if e["time"] >= since]
+        return [e for e in self.events if e.time >= since]
 
 
 def parse(chunk: str) -> dict:
@@ -137,9 +167,7 @@ def test_one_poll_serves_every_tab_and_each_gets_only_what_is_new():
         tabs = [feed.stream(None, limit=3) for _ in range(3)]
         firsts = [parse(await anext(t)) for t in tabs]
         assert all(len(f["events"]) == 2 and f["activity"]["full"] for f in firsts)
-        backend.events.append(
-            {"time": 3.0, "kind": "replace", "model": "b:1", "node": "minipc", "reason": "x"}
-        )
+        backend.events.append(event(3.0, "replace", "b:1", "minipc", "x"))
 
         async def rest(tab):
             return [parse(c) async for c in tab]

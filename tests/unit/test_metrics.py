@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
 from deployments import metrics as metrics_module
 from deployments.api import build_api
 from deployments.auth import Keyring
 from deployments.keys import KeyFile, keys_path
 from deployments.metrics import cluster_families
+from deployments.views import ClusterMetrics, EventCount
 from nodes.engine import EngineSpec
 from nodes.errors import ServiceUnavailable
 from tests.support.local_backend import NODE, LocalBackend
@@ -313,25 +315,30 @@ def test_a_controller_that_fails_leaves_the_ingress_metrics(http, backend, monke
 
 
 def test_cluster_families_skip_what_is_unknown():
-    state = {
-        "placements": [],
-        "nodes": [
-            {
-                "name": "nas",
-                "up": False,
-                "placements": 0,
-                "replicas": 0,
-                "ram_total": None,
-                "ram_used": None,
-                "vram_total": None,
-                "vram_used": None,
-            }
-        ],
-        "events": [
-            {"kind": "evict", "model": "m:1", "node": "nas", "reason": "make_room", "count": 2},
-            {"kind": "newer", "model": "m:1", "node": "nas", "reason": "x", "count": 1},
-        ],
-    }
+    # An event kind the ingress does not know cannot arrive: the records are one
+    # definition (deployments/views.py) for the controller and the ingress alike.
+    with pytest.raises(ValidationError):
+        EventCount(kind="newer", model="m:1", node="nas", reason="x", count=1)
+    state = ClusterMetrics.model_validate(
+        {
+            "placements": [],
+            "nodes": [
+                {
+                    "name": "nas",
+                    "up": False,
+                    "placements": 0,
+                    "replicas": 0,
+                    "ram_total": None,
+                    "ram_used": None,
+                    "vram_total": None,
+                    "vram_used": None,
+                }
+            ],
+            "events": [
+                {"kind": "evict", "model": "m:1", "node": "nas", "reason": "make_room", "count": 2},
+            ],
+        }
+    )
     families = {f.name: f for f in cluster_families(state, {("m:1", "gpu"): 3})}
     assert [s.value for s in families["corral_node_up"].samples] == [0]
     assert not families["corral_node_ram_used_bytes"].samples  # a down node's memory is stale

@@ -33,6 +33,7 @@ from deployments.ollama.serving import (
     shorten,
     show_response,
 )
+from deployments.views import PlacementView
 from nodes.chat_output.calls import ToolCall, ToolChoice
 from nodes.engine import (
     ChatMessage,
@@ -363,6 +364,28 @@ def test_times_are_rfc3339_with_nanoseconds_like_go():
     assert parsed.timestamp() == 1_700_000_000.25
 
 
+def placements(rows: list[dict]) -> list[PlacementView]:
+    """The controller's placement rows, with what a test does not care about filled in."""
+    base = dict(
+        app="app",
+        in_flight=0,
+        slots=1,
+        idle_for=None,
+        keep_alive=None,
+        expires_at=None,
+        held=False,
+        pinned=False,
+        min=0,
+        max=1,
+        declared=False,
+        threads=2,
+        gpu_layers=0,
+        path=None,
+        reason="",
+    )
+    return [PlacementView(**{**base, **row}) for row in rows]
+
+
 def test_ps_sums_a_models_placements_and_joins_the_library():
     rows = [
         {
@@ -397,7 +420,7 @@ def test_ps_sums_a_models_placements_and_joins_the_library():
         },
     ]
     now = 1_700_000_000 * 10**9
-    terse, gone = running_models(rows, {"terse:latest": WITH_MANIFEST}, now)
+    terse, gone = running_models(placements(rows), {"terse:latest": WITH_MANIFEST}, now)
     assert (terse.size, terse.size_vram, terse.context_length) == (2 * 500 + 300, 800, 4096)
     assert terse.expires_at == rfc3339(1_700_000_200 * 10**9)  # the last one to go
     assert terse.digest == "d" * 64 and terse.details.parameter_size == "135M"
@@ -522,7 +545,7 @@ def test_ps_shows_a_busy_model_expiring_its_keep_alive_from_now():
         {**base, "model": "held:latest", "expires_at": None, "keep_alive": 300.0, "held": True},
         {**base, "model": "forever:latest", "expires_at": None, "keep_alive": None},
     ]
-    busy, held, forever = running_models(rows, {}, now)
+    busy, held, forever = running_models(placements(rows), {}, now)
     assert busy.expires_at == rfc3339(now + 300 * 10**9)
     assert (
         datetime.fromisoformat(held.expires_at).year
