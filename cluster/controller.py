@@ -39,13 +39,22 @@ import ray
 
 from cluster import crashloop, eviction, lenders
 from cluster.autoscale import Decision, ModelState, PlacementLoad, Timers, decide
+from cluster.catalog import Catalog
 from cluster.inventory import InventoryMonitor
 from cluster.library import Library
 from cluster.loads import LoadBook
 from cluster.plan_report import PlanReport, label, report_view
 from cluster.planner import Change, Placement, Plan, PlanNode, diff, plan
 from cluster.route_leases import RouteLeases
-from cluster.serve_apps import RayServeApps, ServeApps, actor_options, adoptable, app_name_for
+from cluster.serve_apps import (
+    Loading,
+    RayServeApps,
+    ServeApps,
+    actor_options,
+    adoptable,
+    app_name_for,
+    wait_running,
+)
 from cluster.settings import CorralSettings
 from cluster.spec import ModelSpec, Replicas, dump_models, parse_models
 from cluster.state import STATE_FILE, SavedState, load_state, save_state
@@ -71,7 +80,6 @@ from nodes.errors import (
     InvalidRequest,
     ModelFailed,
     ModelLoadFailed,
-    ModelNotFound,
     ServiceUnavailable,
 )
 from nodes.gguf import GgufInfo, read_gguf
@@ -99,9 +107,8 @@ class Controller:
         setup_logging(settings.log_level)
         self._settings = settings
         self._serve = serve_apps or RayServeApps()
-        self._library = Library(settings.models_path)
+        self._catalog = Catalog(Library(settings.models_path))  # which file each model runs
         self._declared: dict[str, ModelSpec] = {}  # the last applied models file
-        self._files: dict[str, LocalModel] = {}  # the model file of each declared model
         self._on_demand: set[str] = set()  # models loaded by a request, not declared
         self._placements: dict[tuple[str, str], Placement] = {}  # what runs
         self._loads = LoadBook(settle=ROUTES_TTL)  # load reports, when each began to run
@@ -392,12 +399,12 @@ class Controller:
         declared, files = [], {}
         for spec in saved.declared:
             try:
-                files[spec.name] = self._resolve(spec)
+                files[spec.name] = await asyncio.to_thread(self._catalog.resolve, spec)
                 declared.append(spec)
             except CorralError as exc:
                 log.warning("the saved models file declares %s, which is gone: %s", spec.name, exc)
         self._declared = {s.name: s for s in declared}
-        self._files = files
+        self._catalog.declare(files)
         wanted = {s.name for s in declared} | {p.model for p in adopted}
         self._on_demand = {m for m in saved.on_demand if m in wanted and m not in self._declared}
         self._lost = {p.key: p for p in saved.lost if p.model in self._wanted_names()}
@@ -556,8 +563,7 @@ class Controller:
     async def list_models(self) -> list[LocalModel]:
         """The library's models, and the declared ones (which run their `source`)."""
         await self._started()
-        models = {m.name: m for m in await asyncio.to_thread(self._library.models)}
-        return sorted({**models, **self._files}.values(), key=lambda m: m.name)
+        return await asyncio.to_thread(self._catalog.models)
 
     # -- the model library: reads and deletions here; pulls, creates and copies run in
     # the library service (cluster/library_service.py), off this event loop.
@@ -565,14 +571,14 @@ class Controller:
     async def delete_model(self, model: str) -> None:
         """Delete ``model``: refused while models.yaml declares it; its placements go first."""
         await self._started()
-        name = (await asyncio.to_thread(self._library.deletable, model)).name
+        name = (await asyncio.to_thread(self._catalog.library.deletable, model)).name
         if name in self._declared:
             raise InvalidRequest(
                 f"{name} is declared in the applied models file; take it out of the file and "
                 f"apply it before deleting the model."
             )
         await self.unload_model(name)
-        await asyncio.to_thread(self._library.delete, name)
+        await asyncio.to_thread(self._catalog.library.delete, name)
 
     async def load_model(self, model: str, keep_alive: float | None = None) -> None:
         """Make sure ``model`` runs (Ollama's empty prompt); counts as a use of it that asks
@@ -588,7 +594,7 @@ class Controller:
         was_failed = name in self._crashes.failed
         self._crashes.clear(name)  # `corral stop` of a failed model: try it afresh next time
         if not self._apps_of(name):
-            await asyncio.to_thread(self._model_file, name)  # ModelNotFound
+            await asyncio.to_thread(self._catalog.file_of, name)  # ModelNotFound
         async with self._changing:
             mine = [p for p in self._placements.values() if p.model == name]
             keep = self._spec_of(name).replicas.min if name in self._declared else 0
@@ -643,7 +649,7 @@ class Controller:
         name = normalize_name(model)
         self._refuse_if_failed(name)
         if not self._apps_of(name):
-            await asyncio.to_thread(self._model_file, name)  # ModelNotFound
+            await asyncio.to_thread(self._catalog.file_of, name)  # ModelNotFound
             task = self._loading.get(name)
             if task is None:
                 task = asyncio.create_task(self._cold_start(name, cause))
@@ -666,20 +672,20 @@ class Controller:
     async def plan(self, specs: list[ModelSpec]) -> PlanReport:
         """What ``apply(specs)`` would change now; changes nothing."""
         await self._started()
-        models = await self._resolve_all(specs)
+        models = await self._catalog.resolve_all(specs)
         return await self._plan(self._wanted(specs), models)
 
     async def apply(self, specs: list[ModelSpec]) -> PlanReport:
         """Make the placements what ``specs`` ask for; the report says what failed."""
         await self._started()
-        models = await self._resolve_all(specs)
+        models = await self._catalog.resolve_all(specs)
         for spec in specs:  # applying a file again is asking to try them all again
             self._crashes.clear(spec.name)
         async with self._changing:
             report = await self._plan(self._wanted(specs), models)
             self._declared = {s.name: s for s in specs}
             self._on_demand -= set(self._declared)
-            self._files = dict(models)
+            self._catalog.declare(models)
             # What nodes took with them is planned afresh from the file.
             self._lost.clear()
             self._not_replaced.clear()
@@ -722,49 +728,6 @@ class Controller:
         demand = [_demand_spec(m) for m in sorted(self._on_demand) if m not in declared]
         return [*specs, *demand]
 
-    async def _resolve_all(self, specs: list[ModelSpec]) -> dict[str, LocalModel]:
-        """The model file of every spec, checked readable; InvalidRequest lists every problem."""
-        models, problems = {}, []
-        for spec in specs:
-            try:
-                models[spec.name] = self._resolve(spec)
-                model = models[spec.name]
-                await asyncio.to_thread(read_gguf, model.path, model.projector)
-            except (InvalidRequest, ModelLoadFailed) as exc:
-                problems.append(f"{spec.name}: {exc}")
-        if problems:
-            raise InvalidRequest("\n".join(problems))
-        return models
-
-    def _resolve(self, spec: ModelSpec) -> LocalModel:
-        model = self._resolve_source(spec)
-        if spec.projector:
-            path = Path(spec.projector).expanduser()
-            if not path.is_file():
-                raise InvalidRequest(f"projector {spec.projector} is not a file on the head node")
-            model = replace(model, projector=str(path), projector_digest="")
-        return model
-
-    def _resolve_source(self, spec: ModelSpec) -> LocalModel:
-        source = spec.source or spec.name
-        if source.endswith(".gguf"):
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise InvalidRequest(f"source {source} is not a file on the head node")
-            return replace(LocalModel.from_file(spec.name, path), name=spec.name)
-        try:
-            return replace(self._library.get(source), name=spec.name)
-        except ModelNotFound:
-            have = ", ".join(m.name for m in self._library.models())
-            raise InvalidRequest(
-                f"source '{source}' is not a model Corral has (it has: {have}); pull it first "
-                f"(corral pull {source}) or give the path of a .gguf file on the head node"
-            ) from None
-
-    def _model_file(self, name: str) -> LocalModel:
-        """The file ``name`` runs: the declared source, else the library's model."""
-        return self._files.get(name) or self._library.get(name)
-
     async def _plan(
         self, specs: list[ModelSpec], models: dict[str, LocalModel] | None = None
     ) -> PlanReport:
@@ -783,7 +746,7 @@ class Controller:
     ) -> tuple[list[PlanNode], dict[str, GgufInfo]]:
         """The nodes and the GGUF facts of each spec's model, for ``_plan_with``."""
         given = models or {}
-        files = {s.name: given.get(s.name) or self._model_file(s.name) for s in specs}
+        files = {s.name: given.get(s.name) or self._catalog.file_of(s.name) for s in specs}
         infos = {
             name: await asyncio.to_thread(read_gguf, m.path, m.projector)
             for name, m in files.items()
@@ -992,44 +955,23 @@ class Controller:
         return lost
 
     async def _wait_running(self, placements: list[Placement]) -> dict[str, str]:
-        apps = {app_name_for(*p.key): p for p in placements}
-        deadline = time.monotonic() + self._settings.load_timeout
-        failed: dict[str, str] = {}
-        while apps:
-            states = await self._serve.states()
-            alive = self._alive_nodes()  # the tick refreshes it meanwhile
-            for app, p in list(apps.items()):
-                state = states.get(app)
-                if alive and p.node not in alive:  # its replicas can never start
-                    failed[label(p)] = f"{p.node} left the cluster while it loaded"
-                    del apps[app]
-                elif state is None:
-                    continue
-                elif state.status == "RUNNING" and state.running == p.replicas:
-                    del apps[app]
-                elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                    why = _last_line(state.message)  # a crash: "ActorDiedError()"
-                    failed[label(p)] = self._crashes.reason(app, p.node, time.time(), 1) or why
-                    del apps[app]
-                elif (why := self._crashes.reason(app, p.node, time.time())) is not None:
-                    failed[label(p)] = why  # Serve would try it again and again
-                    del apps[app]
-            if apps and time.monotonic() > deadline:
-                for app, p in apps.items():
-                    state = states.get(app)
-                    why = state.message if state else ""
-                    failed[label(p)] = f"not running after {self._settings.load_timeout:.0f}s" + (
-                        f": {_last_line(why)}" if why else ""
-                    )
-                break
-            if apps:
-                await asyncio.sleep(0.05)
-        return failed
+        """Wait until each of ``placements`` runs all its replicas; why each that did not
+        failed (see ``serve_apps.wait_running``)."""
+        loading = [Loading(app_name_for(*p.key), p.node, p.replicas, label(p)) for p in placements]
+        return await wait_running(
+            self._serve,
+            loading,
+            self._settings.load_timeout,
+            alive=self._alive_nodes,  # the tick refreshes it meanwhile
+            crashed=lambda app, node, at_least: self._crashes.reason(
+                app, node, time.time(), at_least
+            ),
+        )
 
     def _engine_spec(self, p: Placement, parts: tuple[RpcPart, ...] = ()) -> EngineSpec:
         """What ``p``'s replicas load; ``parts``: the RPC workers of a split placement."""
         spec = self._spec_of(p.model)
-        model = self._model_file(p.model)
+        model = self._catalog.file_of(p.model)
         return EngineSpec(
             model=p.model,
             path=p.path,
@@ -1114,12 +1056,6 @@ def trim_lost(lost: dict[tuple[str, str], Placement], model: str, replicas: int)
             lost[key] = replace(p, replicas=p.replicas - n)
         taken.append(f"{n} replica{'s' if n != 1 else ''} on {p.node}")
     return ", ".join(taken) or "nothing"
-
-
-def _last_line(text: object) -> str:
-    """The informative end of an error that may carry a remote traceback."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
 
 
 def start_controller(

@@ -19,7 +19,8 @@ import asyncio
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -146,3 +147,63 @@ def _state_of(app) -> AppState:
         running=running,
         message=message or app.message or "",
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Loading:
+    """A placement deployed and not yet known to run."""
+
+    app: str
+    node: str
+    replicas: int
+    label: str  # "model on node", what failures are keyed by
+
+
+async def wait_running(
+    apps: ServeApps,
+    loading: Sequence[Loading],
+    timeout: float,
+    *,
+    alive: Callable[[], set[str]],
+    crashed: Callable[[str, str, int], str | None],
+) -> dict[str, str]:
+    """Wait until each of ``loading`` runs all its replicas, or fails; returns why each
+    failed, by label. ``alive``: the names of the nodes up now (empty: unknown);
+    ``crashed(app, node, at_least)``: why the app's processes count as crash-looping
+    with ``at_least`` recent deaths (0: the crash limit), else None."""
+    waiting = {w.app: w for w in loading}
+    deadline = time.monotonic() + timeout
+    failed: dict[str, str] = {}
+    while waiting:
+        states, up = await apps.states(), alive()
+        for app, w in list(waiting.items()):
+            state = states.get(app)
+            if up and w.node not in up:  # its replicas can never start
+                failed[w.label] = f"{w.node} left the cluster while it loaded"
+            elif state is None:
+                continue
+            elif state.status == "RUNNING" and state.running == w.replicas:
+                pass
+            elif state.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                # a crash: "ActorDiedError()", unless its crash notes say more
+                failed[w.label] = crashed(app, w.node, 1) or last_line(state.message)
+            elif (why := crashed(app, w.node, 0)) is not None:
+                failed[w.label] = why  # Serve would try it again and again
+            else:
+                continue
+            del waiting[app]
+        if waiting and time.monotonic() > deadline:
+            for app, w in waiting.items():
+                state = states.get(app)
+                why = f": {last_line(state.message)}" if state and state.message else ""
+                failed[w.label] = f"not running after {timeout:.0f}s{why}"
+            break
+        if waiting:
+            await asyncio.sleep(0.05)
+    return failed
+
+
+def last_line(text: object) -> str:
+    """The informative end of an error that may carry a remote traceback."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
