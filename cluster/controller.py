@@ -1056,31 +1056,3 @@ def trim_lost(lost: dict[tuple[str, str], Placement], model: str, replicas: int)
             lost[key] = replace(p, replicas=p.replicas - n)
         taken.append(f"{n} replica{'s' if n != 1 else ''} on {p.node}")
     return ", ".join(taken) or "nothing"
-
-
-def start_controller(
-    settings: CorralSettings, node_labels: dict[str, str] | None = None
-) -> ray.actor.ActorHandle:
-    """Start the controller actor (or find the one already running) and wait for it.
-
-    ``node_labels`` pins it to the node ``corral serve`` runs on (the head, usually),
-    so that it does not live on a box that may be unplugged.
-    """
-    actor = (
-        ray.remote(Controller)
-        .options(
-            name=CONTROLLER_ACTOR,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            label_selector=node_labels or {},
-            # A crashed controller comes back (its state is on disk) and the calls that
-            # waited on it go through; ``RunningCorral.stop`` kills it for good.
-            max_restarts=-1,
-            max_task_retries=2,
-        )
-        .remote(settings)
-    )
-    ray.get(actor.ping.remote())
-    return actor

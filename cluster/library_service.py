@@ -16,11 +16,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import ray
-
 from cluster.library import Library
 from cluster.settings import CorralSettings
-from deployments.actors import LIBRARY_ACTOR, NAMESPACE
 from nodes.logs import setup_logging
 from nodes.models import LocalModel
 
@@ -55,24 +52,3 @@ class LibraryService:
     async def show_model(self, model: str) -> tuple[LocalModel, dict[str, Any]]:
         """The model and its GGUF header (Ollama's ``model_info``)."""
         return await asyncio.to_thread(self._library.show, model)
-
-
-def start_library(
-    settings: CorralSettings, node_labels: dict[str, str] | None = None
-) -> ray.actor.ActorHandle:
-    """Start the library service (or find the one running) on the head, and wait for it."""
-    actor = (
-        ray.remote(LibraryService)
-        .options(
-            name=LIBRARY_ACTOR,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            label_selector=node_labels or {},
-            max_restarts=-1,
-        )
-        .remote(settings)
-    )
-    ray.get(actor.ping.remote())
-    return actor

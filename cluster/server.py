@@ -16,8 +16,7 @@ import httpx
 import ray
 from ray import serve
 
-from cluster.controller import start_controller
-from cluster.library_service import start_library
+from cluster.head_actors import start_head_actors
 from cluster.settings import CorralSettings
 from deployments.actors import CONTROLLER_ACTOR, LIBRARY_ACTOR, NAMESPACE
 from deployments.ingress import INGRESS_APP, IngressConfig, ingress_app
@@ -107,8 +106,7 @@ def start_corral(settings: CorralSettings) -> RunningCorral:
         # No Serve HTTP proxy: the ingress serves the API itself (deployments/ingress.py).
         serve.start(proxy_location="Disabled")
         here = _this_node()
-        start_controller(settings, here)
-        start_library(settings, here)
+        start_head_actors(settings, here)
         config = IngressConfig(
             host=host,
             port=port,

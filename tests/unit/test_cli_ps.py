@@ -7,6 +7,7 @@ from rich.console import Console
 
 from cluster.cli_ps import failure_lines, ps_table
 from deployments.views import PlacementView
+from tests.support.views import placement_view
 
 NOW = 1_800_000_000.0
 
@@ -14,30 +15,13 @@ NOW = 1_800_000_000.0
 def row(**changes) -> PlacementView:
     """A row of ``GET /api/cluster/placements`` as the CLI reads it back."""
     base = {
-        "app": "model-llama3-2-1b-gpubox",
-        "slots": 0,
-        "keep_alive": 300.0,
-        "max": 1,
-        "declared": False,
-        "context": 4096,
-        "threads": 4,
-        "gpu_layers": 0,
-        "path": None,
-        "reason": "fits",
-        "model": "llama3.2:1b",
-        "node": "gpubox",
-        "replicas": 1,
-        "status": "RUNNING",
         "ram": 2 * 1024**3,
-        "vram": 0,
-        "in_flight": 0,
         "idle_for": 42.0,
         "expires_at": NOW + 258,
-        "held": False,
-        "pinned": False,
-        "min": 0,
+        "keep_alive": 300.0,
+        "slots": 0,
     }
-    return PlacementView.model_validate({**base, **changes})
+    return placement_view("llama3.2:1b", "gpubox", **{**base, **changes})
 
 
 def render(rows: list[PlacementView]) -> list[str]:

@@ -12,7 +12,8 @@ import pytest
 from deployments.auth import Grant
 from deployments.dashboard.activity import Activity
 from deployments.dashboard.feed import Feed, Snapshot, node_views, view
-from deployments.views import Event, GpuStatus, NodeStatus, PlacementView
+from deployments.views import Event, GpuStatus, NodeStatus
+from tests.support.views import placement_view
 
 GIB = 1024**3
 
@@ -58,27 +59,6 @@ def node(name: str, state: str, gpus: list[GpuStatus], models: list[str]) -> Nod
     )
 
 
-def placement(model: str, node: str, **fields) -> PlacementView:
-    base = dict(
-        app=f"model-{model}-{node}",
-        status="RUNNING",
-        idle_for=None,
-        keep_alive=None,
-        expires_at=None,
-        held=False,
-        pinned=False,
-        min=0,
-        max=1,
-        declared=False,
-        context=2048,
-        threads=2,
-        gpu_layers=0,
-        path=None,
-        reason="",
-    )
-    return PlacementView(model=model, node=node, **{**base, **fields})
-
-
 def event(time: float, kind: str, model: str, node: str, reason: str) -> Event:
     return Event(time=time, kind=kind, model=model, node=node, reason=reason, category=reason)
 
@@ -96,8 +76,8 @@ NODES = [
     ),
 ]
 PLACEMENTS = [
-    placement("a:1", "minipc", replicas=2, ram=GIB, vram=0, in_flight=6, slots=4),
-    placement("b:1", "gpubox", replicas=1, ram=GIB, vram=3 * GIB, in_flight=1, slots=4),
+    placement_view("a:1", "minipc", replicas=2, ram=GIB, vram=0, in_flight=6, slots=4),
+    placement_view("b:1", "gpubox", replicas=1, ram=GIB, vram=3 * GIB, in_flight=1, slots=4),
 ]
 EVENTS = [
     event(1.0, "load", "a:1", "minipc", "asked"),

@@ -47,6 +47,7 @@ from nodes.engine import (
 from nodes.errors import InvalidRequest
 from nodes.models import LocalModel, ModelDetails, model_name
 from tests.support.chat_models import QWEN3, QWEN25, template
+from tests.support.views import placement_view
 
 PLAIN = LocalModel(name="m:latest", path="/models/m.gguf", size=10, modified_at=0.0)
 WITH_MANIFEST = LocalModel(
@@ -366,24 +367,7 @@ def test_times_are_rfc3339_with_nanoseconds_like_go():
 
 def placements(rows: list[dict]) -> list[PlacementView]:
     """The controller's placement rows, with what a test does not care about filled in."""
-    base = dict(
-        app="app",
-        in_flight=0,
-        slots=1,
-        idle_for=None,
-        keep_alive=None,
-        expires_at=None,
-        held=False,
-        pinned=False,
-        min=0,
-        max=1,
-        declared=False,
-        threads=2,
-        gpu_layers=0,
-        path=None,
-        reason="",
-    )
-    return [PlacementView(**{**base, **row}) for row in rows]
+    return [placement_view(**row) for row in rows]
 
 
 def test_ps_sums_a_models_placements_and_joins_the_library():
