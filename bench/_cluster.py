@@ -22,7 +22,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,3 +172,12 @@ def write_results(out: Path, name: str, json_path: Path | None, results: dict) -
     json_path.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {json_path}")
     return json_path
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; Ctrl-C (or SIGTERM) ends it with what was torn down said."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: Corral and the Ray cluster were stopped", file=sys.stderr)
+        sys.exit(130)

@@ -51,7 +51,15 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import ROOT, SimNode, corral_on, homelab, wait_until, write_results  # noqa: E402
+from _cluster import (  # noqa: E402
+    ROOT,
+    SimNode,
+    corral_on,
+    homelab,
+    run_main,
+    wait_until,
+    write_results,
+)
 
 NODES = [SimNode("minipc-n100-ram16g", "head", "minipc")]
 TARGET_MARGIN = 1.5  # seconds a cold start may add to the bare load
@@ -482,8 +490,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: Corral and the Ray cluster were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -46,7 +46,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import SimNode, corral_on, homelab, write_results  # noqa: E402
+from _cluster import SimNode, corral_on, homelab, run_main, write_results  # noqa: E402
 
 from nodes.models import STARTER_MODEL, starter_model_path  # noqa: E402
 
@@ -433,8 +433,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: Corral and the Ray cluster were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -47,7 +47,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import SimNode, corral_on, homelab, wait_until, write_results  # noqa: E402
+from _cluster import (  # noqa: E402
+    SimNode,
+    corral_on,
+    homelab,
+    run_main,
+    wait_until,
+    write_results,
+)
 
 MODEL = "fakechat:latest"
 NODES = [
@@ -494,8 +501,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("\ninterrupted: Corral and the Ray cluster were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

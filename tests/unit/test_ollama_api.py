@@ -69,12 +69,6 @@ def url(backend) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def http(url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=120) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def client(url) -> ollama.Client:
     return ollama.Client(host=url, timeout=120)
 

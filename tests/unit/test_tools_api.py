@@ -16,7 +16,6 @@ from dataclasses import replace
 from datetime import datetime
 
 import anthropic
-import httpx
 import ollama
 import openai
 import pytest
@@ -55,12 +54,6 @@ def url(starter_path, tools_model_path, thinking_model_path) -> Iterator[str]:
     backend = LocalBackend(specs, models=[replace(starter, path=str(starter_path))])
     with serve_app(build_api(backend)) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def http(url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=120) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
