@@ -88,15 +88,19 @@ def parse_tools(raw: Sequence[Any] | None, param: str = "tools") -> tuple[Tool, 
     return tuple(tools)
 
 
-def _tool(item: Any, at: str) -> Tool:
+def _check_kind(item: Any, at: str, what: str, kind: str, why: str) -> None:
+    """``item`` is a mapping (``what`` says what it should be) whose ``type`` is ``kind``,
+    or absent; ``why`` ends the message, with ``{got}`` for the type it has."""
     if not isinstance(item, Mapping):
-        raise InvalidRequest(f"'{at}' must be an object.", param=at)
-    kind = item.get("type", "function")
-    if kind != "function":
-        raise InvalidRequest(
-            f"'{at}.type' must be \"function\" (the only kind of tool), not {kind!r}.",
-            param=f"{at}.type",
-        )
+        raise InvalidRequest(f"'{at}' must be {what}.", param=at)
+    got = item.get("type", kind)
+    if got != kind:
+        message = f"'{at}.type' must be \"{kind}\"{why.format(got=repr(got))}"
+        raise InvalidRequest(message, param=f"{at}.type")
+
+
+def _tool(item: Any, at: str) -> Tool:
+    _check_kind(item, at, "an object", "function", " (the only kind of tool), not {got}.")
     function = item.get("function")
     if function is None and "name" in item:  # a bare function definition
         function, at_fn = item, at
@@ -126,14 +130,7 @@ def _tool(item: Any, at: str) -> Tool:
 
 def _check_parameters(schema: Any, at: str) -> None:
     """A function's parameters are a JSON schema of an object (as OpenAI requires)."""
-    if not isinstance(schema, Mapping):
-        raise InvalidRequest(f"'{at}' must be a JSON schema object.", param=at)
-    kind = schema.get("type", "object")
-    if kind != "object":
-        raise InvalidRequest(
-            f"'{at}.type' must be \"object\": a function takes named arguments.",
-            param=f"{at}.type",
-        )
+    _check_kind(schema, at, "a JSON schema object", "object", ": a function takes named arguments.")
     properties = schema.get("properties", {})
     if not isinstance(properties, Mapping) or not all(
         isinstance(v, Mapping | bool) for v in properties.values()

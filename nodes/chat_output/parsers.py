@@ -50,11 +50,47 @@ def partial_suffix(text: str, tag: str) -> int:
 
 
 class _Calls:
-    """Shared by the tool-call parsers: whitespace right after a call is not an answer."""
+    """Shared by the tool-call parsers: the text streamed before a call's mark, and
+    whitespace right after a call, which is not an answer."""
 
     def __init__(self) -> None:
         self.called = False
         self._after_call = False
+        self._buf = ""  # what came and is not sent yet
+        self._inside = False  # the buffer starts with a call's mark
+
+    mark: str  # what opens a call
+
+    def feed(self, text: str) -> list[Piece]:
+        self._buf += text
+        out: list[Piece] = []
+        while True:
+            if not self._inside:
+                if not self._up_to(self.mark, out):
+                    return merge(out)
+                self._inside = True
+            taken = self._take()
+            if taken is None:
+                return merge(out)
+            out += taken
+            self._inside = False
+
+    def _take(self) -> list[Piece] | None:
+        """The call the buffer starts with, taken off it once it is whole (None until then)."""
+        raise NotImplementedError
+
+    def _up_to(self, mark: str, out: list[Piece]) -> bool:
+        """Send the buffered text before ``mark`` to ``out``; whether ``mark`` is there (the
+        buffer then starts with it). Without it, an end that may begin it stays buffered."""
+        at = self._buf.find(mark)
+        if at < 0:
+            keep = partial_suffix(self._buf, mark)
+            out += self._text(self._buf[: len(self._buf) - keep])
+            self._buf = self._buf[len(self._buf) - keep :]
+            return False
+        out += self._text(self._buf[:at])
+        self._buf = self._buf[at:]
+        return True
 
     def _text(self, text: str) -> list[Piece]:
         if self._after_call:
@@ -73,29 +109,15 @@ class TaggedCalls(_Calls):
     def __init__(self, opening: str = "<tool_call>", closing: str = "</tool_call>") -> None:
         super().__init__()
         self.opening, self.closing = opening, closing
-        self._buf = ""
-        self._inside = False
+        self.mark = opening
 
-    def feed(self, text: str) -> list[Piece]:
-        self._buf += text
-        out: list[Piece] = []
-        while True:
-            if not self._inside:
-                at = self._buf.find(self.opening)
-                if at < 0:
-                    keep = partial_suffix(self._buf, self.opening)
-                    out += self._text(self._buf[: len(self._buf) - keep])
-                    self._buf = self._buf[len(self._buf) - keep :]
-                    return merge(out)
-                out += self._text(self._buf[:at])
-                self._buf = self._buf[at:]
-                self._inside = True
-            end = self._buf.find(self.closing, len(self.opening))
-            if end < 0:
-                return merge(out)
-            out += self._call(self._buf[: end + len(self.closing)], end)
-            self._buf = self._buf[end + len(self.closing) :]
-            self._inside = False
+    def _take(self) -> list[Piece] | None:
+        end = self._buf.find(self.closing, len(self.opening))
+        if end < 0:
+            return None
+        pieces = self._call(self._buf[: end + len(self.closing)], end)
+        self._buf = self._buf[end + len(self.closing) :]
+        return pieces
 
     def _call(self, raw: str, end: int) -> list[Piece]:
         # One call, or (SmolLM2) a list of them, between the tags.
@@ -114,34 +136,11 @@ class MistralCalls(_Calls):
     """``[TOOL_CALLS][{...}, ...]`` or ``[TOOL_CALLS]name[ARGS]{...}`` (Mistral)."""
 
     MARK, ARGS = "[TOOL_CALLS]", "[ARGS]"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._buf = ""
-        self._inside = False
-
-    def feed(self, text: str) -> list[Piece]:
-        self._buf += text
-        out: list[Piece] = []
-        while True:
-            if not self._inside:
-                at = self._buf.find(self.MARK)
-                if at < 0:
-                    keep = partial_suffix(self._buf, self.MARK)
-                    out += self._text(self._buf[: len(self._buf) - keep])
-                    self._buf = self._buf[len(self._buf) - keep :]
-                    return merge(out)
-                out += self._text(self._buf[:at])
-                self._buf = self._buf[at + len(self.MARK) :]
-                self._inside = True
-            taken = self._take()
-            if taken is None:
-                return merge(out)
-            out += taken
-            self._inside = False
+    mark = MARK
 
     def _take(self) -> list[Piece] | None:
-        """The calls after a mark once they are whole (None until then)."""
+        """The calls after the mark once they are whole (None until then)."""
+        self._buf = self._buf.removeprefix(self.MARK)
         body = self._buf.lstrip()
         skipped = len(self._buf) - len(body)
         if not body:
@@ -187,7 +186,6 @@ class LeadingJsonCalls(_Calls):
     def __init__(self, names: Collection[str]) -> None:
         super().__init__()
         self.names = set(names)
-        self._buf = ""
         self._decided = False  # the output was found not to start with a call
 
     def feed(self, text: str) -> list[Piece]:
