@@ -36,8 +36,8 @@ from nodes.models import normalize_name
 log = logging.getLogger("corral.backend")
 
 # How long the ingress routes with the placements it last heard of before asking
-# again; the controller waits this long between taking a placement out of the
-# routes and deleting it.
+# again; a placement taken out of the routes is deleted once every ingress that had
+# them has asked again, or this long after it last did (cluster/route_leases.py).
 ROUTES_TTL = 1.0
 # A placement whose replica failed a request (its process or node died) gets no new
 # requests from this ingress for this long, while another placement of the model can take

@@ -24,6 +24,7 @@ released as text once that is clear.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Collection
 from typing import Protocol
 
@@ -57,27 +58,6 @@ class _Calls:
         self.called = False
         self._after_call = False
         self._buf = ""  # what came and is not sent yet
-        self._inside = False  # the buffer starts with a call's mark
-
-    mark: str  # what opens a call
-
-    def feed(self, text: str) -> list[Piece]:
-        self._buf += text
-        out: list[Piece] = []
-        while True:
-            if not self._inside:
-                if not self._up_to(self.mark, out):
-                    return merge(out)
-                self._inside = True
-            taken = self._take()
-            if taken is None:
-                return merge(out)
-            out += taken
-            self._inside = False
-
-    def _take(self) -> list[Piece] | None:
-        """The call the buffer starts with, taken off it once it is whole (None until then)."""
-        raise NotImplementedError
 
     def _up_to(self, mark: str, out: list[Piece]) -> bool:
         """Send the buffered text before ``mark`` to ``out``; whether ``mark`` is there (the
@@ -103,7 +83,36 @@ class _Calls:
         return list(calls)
 
 
-class TaggedCalls(_Calls):
+class _MarkedCalls(_Calls, ABC):
+    """Calls that each start with a ``mark``: text until a mark, then the call once it is
+    whole (``_take``), then text again."""
+
+    mark: str  # what opens a call
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inside = False  # the buffer starts with a call's mark
+
+    def feed(self, text: str) -> list[Piece]:
+        self._buf += text
+        out: list[Piece] = []
+        while True:
+            if not self._inside:
+                if not self._up_to(self.mark, out):
+                    return merge(out)
+                self._inside = True
+            taken = self._take()
+            if taken is None:
+                return merge(out)
+            out += taken
+            self._inside = False
+
+    @abstractmethod
+    def _take(self) -> list[Piece] | None:
+        """The call the buffer starts with, taken off it once it is whole (None until then)."""
+
+
+class TaggedCalls(_MarkedCalls):
     """Calls written as ``OPEN {json} CLOSE`` (Hermes, Qwen)."""
 
     def __init__(self, opening: str = "<tool_call>", closing: str = "</tool_call>") -> None:
@@ -132,7 +141,7 @@ class TaggedCalls(_Calls):
         return merge(self._text(raw))
 
 
-class MistralCalls(_Calls):
+class MistralCalls(_MarkedCalls):
     """``[TOOL_CALLS][{...}, ...]`` or ``[TOOL_CALLS]name[ARGS]{...}`` (Mistral)."""
 
     MARK, ARGS = "[TOOL_CALLS]", "[ARGS]"
