@@ -1,10 +1,10 @@
 """The model library as the ingress reaches it: Ollama's show, pull, create, copy,
 delete, load and unload, and the blobs of the head's model store.
 
-The library's manifests live with the actor that keeps them (``library``);
-loading and unloading are the controller's (``controller``). Each is reached
-through the one function given for it, so pointing a call at another actor is a
-one-line change where the client is built (``deployments/backend.py``).
+Show, pull, create and copy go to the library service (``library``, the actor of
+``cluster/library_service.py``), so that long downloads never run on the
+controller's event loop; delete, load and unload go to the controller
+(``controller``), which unloads a model before deleting it.
 
 Blobs are read and written here, on the head's disk, so that large files never
 travel through Ray's object store.
