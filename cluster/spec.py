@@ -149,6 +149,14 @@ class Llama(_Strict):
         "ones leave); false: each slot its share of the context, and answers that do not "
         "depend on what else runs",
     )
+    prompt_cache: int | None = Field(
+        default=_DEFAULT_LLAMA.prompt_cache,
+        ge=0,
+        description="tokens of prompts kept in RAM when a new request takes their slot, "
+        "copied back when a later request shares them (the next turn of a conversation "
+        "that left its slot); default: a quarter of the context, at most a quarter of "
+        "the KV cache's memory, in RAM; 0: off",
+    )
 
     @field_validator("flash_attn", mode="before")
     @classmethod

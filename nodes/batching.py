@@ -8,7 +8,10 @@ step it:
 
 1. takes new requests into free slots (``slots.choose_slot``: the longest
    cached prefix, so turn N of a conversation does not read turns 1..N-1 again)
-   and drops requests whose caller went away;
+   and drops requests whose caller went away. A slot's cached tokens that a new
+   request would overwrite are first saved to RAM (``nodes/prompt_cache.py``), and
+   a saved sequence that shares more with the new prompt than any free slot is
+   copied back into the slot instead of being evaluated again;
 2. plans one batch (``slots.plan_step``): the next token of every generating
    slot plus chunks of prompts still being read, and makes room for it in the
    cache (``slots.make_room``);
@@ -24,6 +27,7 @@ a sequence kept for them.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import queue
@@ -39,6 +43,7 @@ import llama_cpp
 
 from nodes.engine import SamplingParams
 from nodes.errors import InvalidRequest
+from nodes.prompt_cache import PromptCache
 from nodes.slots import Busy, FreeSlot, choose_slot, make_room, plan_step
 
 log = logging.getLogger(__name__)
@@ -122,8 +127,10 @@ class Batcher:
         n_batch: int,
         parallel: int,
         n_swa: int = 0,
+        prompt_cache: int = 0,
         name: str = "engine",
     ) -> None:
+        """``prompt_cache``: tokens of evicted prompts kept in RAM (0: none)."""
         self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -139,6 +146,7 @@ class Batcher:
         self._inbox: queue.SimpleQueue[Job | EmbedJob | None] = queue.SimpleQueue()
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._admitted = 0
+        self._saved = PromptCache(prompt_cache) if prompt_cache and self._mem else None
         # prompt tokens read from the request, and those found in a slot's cache instead
         self.counters = {"prompt_evaluated": 0, "prompt_reused": 0, "preempted": 0}
         self._closed = False
@@ -224,6 +232,7 @@ class Batcher:
             job = self._waiting.popleft()
             index, keep = choose_slot(free, job.tokens)
             slot = self._slots[index]
+            keep = self._from_saved(slot, job, keep)
             keep = self._reusable(slot, job, keep)
             self._forget(slot, keep)
             self.counters["prompt_reused"] += keep
@@ -240,6 +249,48 @@ class Batcher:
             job.order = self._admitted
             if job.limit <= 0:
                 self._release(slot, "length")
+
+    def _from_saved(self, slot: _Slot, job: Job, keep: int) -> int:
+        """Before ``slot`` takes ``job``: copy back a saved sequence that shares more than
+        ``keep`` tokens with its prompt, saving first what the slot held; else save what
+        the slot is about to lose. How many tokens the slot now gives the prompt."""
+        saved = self._saved
+        if saved is None:
+            return keep
+        found = saved.best(job.tokens, keep)
+        if found is None:
+            if keep < len(slot.cached):
+                self._save(slot)
+            return keep
+        entry, shared = found
+        saved.used(entry)
+        self._save(slot)  # may push ``entry`` out of the cache; its data is still here
+        restored = llama_cpp.llama_state_seq_set_data_ext(
+            self._ctx, entry.data, entry.size, slot.index, 0
+        )
+        if restored != entry.size:  # no room for it now: evaluate the prompt instead
+            log.info("a saved prompt could not be restored (%d tokens)", len(entry.tokens))
+            llama_cpp.llama_memory_seq_rm(self._mem, slot.index, -1, -1)
+            slot.cached.clear()
+            return 0
+        slot.cached[:] = entry.tokens
+        return min(shared, max(0, len(job.tokens) - 1))
+
+    def _save(self, slot: _Slot) -> None:
+        """Copy ``slot``'s sequence to the prompt cache, if it is worth keeping."""
+        assert self._saved is not None
+        if not self._saved.worth_saving(slot.cached):
+            return
+        size = llama_cpp.llama_state_seq_get_size_ext(self._ctx, slot.index, 0)
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data_ext(self._ctx, data, size, slot.index, 0) == size:
+            self._saved.put(slot.cached, data, size)
+
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        """The prompts saved to RAM (None when off); read it on the loop's thread only,
+        or for figures that may be a step old."""
+        return self._saved
 
     def _reusable(self, slot: _Slot, job: Job, keep: int) -> int:
         """How much of ``keep`` the cache can really give back: never part of an image,

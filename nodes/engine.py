@@ -279,6 +279,13 @@ class LlamaSettings:
     # other sequences', and llama.cpp's CPU sums then run in another order: a greedy
     # answer may change with the load. Split, answers do not depend on what else runs.
     unified_kv: bool = True
+    # Tokens of prompts kept in RAM when a new request takes their slot, to be copied
+    # back when a later request shares them (nodes/prompt_cache.py). None: a quarter of
+    # the context, so at most a quarter of the KV cache's memory, in RAM; 0: off.
+    prompt_cache: int | None = None
+
+    def prompt_cache_tokens(self, n_ctx: int) -> int:
+        return n_ctx // 4 if self.prompt_cache is None else self.prompt_cache
 
 
 @dataclass(frozen=True, slots=True)

@@ -186,6 +186,7 @@ class MemoryEstimate:
     overhead_vram: int
     output_ram: int = 0  # llama.cpp's output buffer (logits of n_seq_max rows), in RAM
     embed_ram: int = 0  # what the output buffer grows by once an input is embedded
+    cache_ram: int = 0  # prompts saved out of the KV cache (nodes/prompt_cache.py), full
     parallel: int = 1  # the slots
     n_seq_max: int = 2
     n_batch: int = N_UBATCH
@@ -200,6 +201,7 @@ class MemoryEstimate:
             + self.compute_ram
             + self.output_ram
             + self.embed_ram
+            + self.cache_ram
             + self.work_ram
             + self.overhead_ram
         )
@@ -459,6 +461,12 @@ def estimate_memory(
         ]
     kv_vram = sum(b for b, g in zip(kv, on_gpu, strict=True) if g)
     kv_ram = sum(kv) - kv_vram
+    # A saved sequence holds its tokens' cells of every layer (fewer of sliding-window
+    # layers, which keep only the window): at most this, in RAM wherever the cache is.
+    cache_ram = 0
+    if info.has_kv_cache:
+        saved = llama.prompt_cache_tokens(n_ctx)
+        cache_ram = int(saved * sum(info.kv_bytes_per_token(i, kv_type) for i in range(n)))
 
     graph = _graph(info, shape, cells, swa_cells, flash)
     if not head_on_gpu:
@@ -487,6 +495,7 @@ def estimate_memory(
         overhead_vram=GPU_OVERHEAD * gpus if gpu_layers else 0,
         output_ram=output,
         embed_ram=embedded - output,
+        cache_ram=cache_ram,
         parallel=parallel,
         n_seq_max=shape.n_seq_max,
         n_batch=shape.n_batch,

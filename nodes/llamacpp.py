@@ -160,6 +160,8 @@ class LlamaCppEngine:
                 n_batch=self.shape.n_batch,
                 parallel=spec.parallel,
                 n_swa=llama_cpp.llama_model_n_swa(self._model.model),
+                # a split model's cache lies on other boxes: saving it would cross the LAN
+                prompt_cache=0 if spec.rpc else spec.llama.prompt_cache_tokens(spec.n_ctx),
                 name=f"engine-{spec.model}",
             )
         except BaseException:

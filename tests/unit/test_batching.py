@@ -139,6 +139,46 @@ def test_the_next_turn_reuses_the_cached_conversation(four):
     assert reused > len(four.encode(first)), "the whole first turn came from the cache"
 
 
+def test_a_conversation_that_lost_its_slot_comes_back_from_ram(starter_path):
+    # One slot: another request takes it between two turns, so turn 1 is saved to RAM
+    # and copied back for turn 2, which then reads only what is new; the answer is the
+    # one an engine without the cache gives.
+    def turns(engine):
+        first = chat("Name a colour.", temperature=0, max_tokens=12)
+        answer, _ = run(engine, first)
+        run(engine, chat("List three fruits.", temperature=0, max_tokens=12))
+        second = GenerateRequest(
+            messages=(
+                ChatMessage("user", "Name a colour."),
+                ChatMessage("assistant", answer),
+                ChatMessage("user", "And another one?"),
+            ),
+            params=SamplingParams(temperature=0, max_tokens=24),
+        )
+        before = dict(engine._batcher.counters)
+        text, _ = run(engine, second)
+        reused = engine._batcher.counters["prompt_reused"] - before["prompt_reused"]
+        return text, reused, len(engine.encode(first))
+
+    engine = engine_of(starter_path, n_ctx=1024, parallel=1)
+    try:
+        text, reused, first_turn = turns(engine)
+        saved = engine._batcher.prompt_cache
+        assert saved is not None and saved.counters["restored"] >= 1
+        assert reused > first_turn, "the whole first turn came back from RAM"
+        assert 0 < saved.bytes and saved.tokens <= saved.limit == 1024 // 4
+    finally:
+        engine.close()
+    without = engine_of(starter_path, n_ctx=1024, parallel=1, llama=LlamaSettings(prompt_cache=0))
+    try:
+        plain, reused_plain, _ = turns(without)
+        assert without._batcher.prompt_cache is None
+        assert reused_plain < reused, "without the cache, turn 1 is read again"
+    finally:
+        without.close()
+    assert text == plain
+
+
 def test_a_cancelled_request_frees_its_slot_for_the_next(four):
     cancels = [threading.Event() for _ in range(4)]
     requests = [

@@ -127,9 +127,19 @@ def test_cpu_estimate_matches_llamacpp_buffers(info, shape):
         + est.compute_ram
         + est.output_ram
         + est.embed_ram
+        + est.cache_ram
         + est.work_ram
         + est.overhead_ram
     )
+
+
+def test_the_prompt_cache_takes_a_quarter_of_the_kv_cache_by_default(info):
+    kv = estimate_memory(info, 4096, parallel=4).kv_ram
+    default = estimate_memory(info, 4096, parallel=4)
+    assert default.cache_ram == kv // 4  # a quarter of the context's tokens
+    assert estimate_memory(info, 4096, llama=LlamaSettings(prompt_cache=4096)).cache_ram == kv
+    off = estimate_memory(info, 4096, parallel=4, llama=LlamaSettings(prompt_cache=0))
+    assert off.cache_ram == 0 and default.ram - off.ram == kv // 4
 
 
 def test_cpu_estimate_matches_a_live_llamacpp_context(info):
