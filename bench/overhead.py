@@ -212,7 +212,12 @@ def engine_stack(threads: int) -> tuple[Pieces, Reference]:
         load_engine,
     )
 
-    spec = EngineSpec(STARTER_MODEL, str(starter_model_path()), n_ctx=N_CTX, n_threads=threads)
+    # the shape Corral's replica has at one stream: its slots, N_CTX cells each
+    slots = slots_for(1)
+    spec = EngineSpec(
+        STARTER_MODEL, str(starter_model_path()), n_ctx=N_CTX * slots, n_threads=threads,
+        parallel=slots,
+    )  # fmt: skip
     engine = load_engine(spec)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, seed=SEED)
 

@@ -90,9 +90,9 @@ class AnthropicServing:
         try:
             for event in message.start():
                 yield sse(event)
-            async for batch in stream:
-                for event in message.events(batch):
-                    yield sse(event)
+            async for batch in stream:  # one write per batch: a message, not one per token
+                if text := "".join(sse(event) for event in message.events(batch)):
+                    yield text
         except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
             log.warning("stream failed: %s", exc)
             yield sse_error(exc)

@@ -160,13 +160,17 @@ class OllamaServing:
         self, gen: Generation, model: str, piece: _Piece, started: float
     ) -> AsyncIterator[str]:
         try:
-            async for batch in gen:
-                for obj in _pieces(batch, model, piece):
-                    yield ndjson(obj.model_dump(exclude_none=True))
+            async for batch in gen:  # one write per batch: a message, not one per token
+                lines = [
+                    ndjson(obj.model_dump(exclude_none=True))
+                    for obj in _pieces(batch, model, piece)
+                ]
                 for event in batch:
                     if isinstance(event, Finished):
                         last = piece(model, "", True, event.reason, None, ())
-                        yield ndjson(_final(last, event, started, gen.admitted))
+                        lines.append(ndjson(_final(last, event, started, gen.admitted)))
+                if lines:
+                    yield "".join(lines)
         except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
             log.warning("stream failed: %s", exc)
             yield ndjson_error(exc)

@@ -142,9 +142,9 @@ class OpenAIServing:
     ) -> AsyncIterator[str]:
         try:
             yield _sse_event(chunks.start())
-            async for batch in stream:
-                for chunk in chunks.events(batch):
-                    yield _sse_event(chunk)
+            async for batch in stream:  # one write per batch: a message, not one per token
+                if text := "".join(_sse_event(chunk) for chunk in chunks.events(batch)):
+                    yield text
             yield "data: [DONE]\n\n"
         except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
             log.warning("stream failed: %s", exc)

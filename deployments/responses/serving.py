@@ -76,9 +76,9 @@ class ResponsesServing:
         try:
             for event in response.start():
                 yield sse(event)
-            async for batch in stream:
-                for event in response.events(batch):
-                    yield sse(event)
+            async for batch in stream:  # one write per batch: a message, not one per token
+                if text := "".join(sse(event) for event in response.events(batch)):
+                    yield text
         except Exception as exc:  # noqa: BLE001 - reported to the client, then the stream ends
             log.warning("stream failed: %s", exc)
             for event in response.failed(exc):

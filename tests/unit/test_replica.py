@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from deployments.replica import Admitted, ModelReplica, Refused, engine_executor
+from deployments.replica import Admitted, ModelReplica, Refused, engine_executor, stream_spacing
 from nodes.engine import (
     ChatMessage,
     Embeddings,
@@ -67,6 +67,13 @@ def test_tokens_are_batched_by_the_stream_interval_but_the_first_goes_at_once():
     assert first_at - started < 0.1
     # 30 tokens over ~0.3 s at one message per 0.1 s: a handful of messages, not 30.
     assert 2 <= len(text_messages) <= 6
+
+
+def test_the_interval_grows_with_the_streams_running():
+    assert stream_spacing(0.05, 0) == stream_spacing(0.05, 1) == 0.05
+    assert stream_spacing(0.05, 2) == pytest.approx(0.1)
+    assert stream_spacing(0.05, 3) == stream_spacing(0.05, 8) == pytest.approx(0.15)
+    assert stream_spacing(0.0, 4) == 0.0
 
 
 def test_without_an_interval_each_token_is_its_own_message():
