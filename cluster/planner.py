@@ -93,7 +93,7 @@ class Placement:
     parallel: int = 1  # slots: requests each replica decodes together
     llama: LlamaSettings = field(default_factory=LlamaSettings)
     parts: tuple[Part, ...] = ()  # a split model: the layers other nodes hold
-    held: int = 0  # a split model: the layers the main replica holds (the first ones)
+    held: int = 0  # a split model: the main replica's layers (its first blocks, the output)
 
     def __post_init__(self) -> None:
         if isinstance(self.llama, dict):  # read back from JSON (saved state)
@@ -493,11 +493,13 @@ class _Planner:
         why none (``whole``: why no single node takes it).
 
         The main replica runs on the node with the most free RAM and keeps the first
-        layers, the input embeddings, the logits and the host's compute buffer; each
-        RPC worker, on the next nodes by free RAM, holds a run of the remaining layers
-        with their KV cache, plus a compute buffer and its process. Layers go to each
-        node in proportion to the RAM it has left after those fixed costs. On the CPU
-        only: a split never offloads to a GPU (``gpu: required`` never splits).
+        blocks, the input embeddings, the output layer (it computes the logits itself:
+        a worker holding it would send a row of n_vocab floats per token instead of
+        n_embd) and the host's compute buffer; each RPC worker, on the next nodes by
+        free RAM, holds a run of the remaining blocks with their KV cache, plus a
+        compute buffer and its process. Blocks go to each node in proportion to the RAM
+        it has left after those fixed costs. On the CPU only: a split never offloads to
+        a GPU (``gpu: required`` never splits).
         """
         where = spec.placement
         if where.split == "never" or where.gpu == "required":
@@ -518,10 +520,17 @@ class _Planner:
             return est.weights_vram + est.kv_vram
 
         layer = [last(n - i) - last(n - i - 1) for i in range(n)]  # layer i's bytes
+        blocks, output = layer[:-1], layer[-1]
         partial = self._estimate(spec, context, n - 1, 1)
-        main_fixed = partial.ram - layer[0]  # the main replica holding no block at all
+        cpu = self._estimate(spec, context, 0, 1)
+        # the main replica holding no block: its input, the output layer and the host's
+        # compute buffer as a whole model on the CPU has it (the logits are computed
+        # here); no prompt cache (its KV cache lies on other boxes, nodes/llamacpp.py)
+        main_fixed = (
+            partial.ram - layer[0] - partial.compute_ram + cpu.compute_ram + output
+        ) - partial.cache_ram
         worker_fixed = partial.compute_vram + RPC_OVERHEAD
-        total = sum(layer)
+        total = sum(blocks)
         for k in range(2, len(candidates) + 1):
             nodes = candidates[:k]
             room = [self.free_ram[nodes[0].name] - main_fixed] + [
@@ -529,10 +538,10 @@ class _Planner:
             ]
             if min(room) <= 0 or sum(room) < total:
                 continue
-            counts = _share_layers(layer, room)
+            counts = _share_layers(blocks, room)
             if counts is None:
                 continue
-            return self._split_placement(spec, nodes, counts, layer, worker_fixed)
+            return self._split_placement(spec, nodes, counts, blocks, main_fixed, worker_fixed)
         have = sum(max(0, self.free_ram[n.name]) for n in candidates)
         need = main_fixed + total + worker_fixed * (len(candidates) - 1)
         return (
@@ -546,19 +555,22 @@ class _Planner:
         spec: ModelSpec,
         nodes: Sequence[PlanNode],
         counts: Sequence[int],
-        layer: Sequence[int],
+        blocks: Sequence[int],
+        main_fixed: int,
         worker_fixed: int,
     ) -> Placement:
+        """``counts``: the blocks each of ``nodes`` holds; the main one (the first) also
+        holds the output layer, counted among its layers."""
         info = self.models[spec.name]
         main = nodes[0]
-        remote = sum(counts[1:])
-        est = self._estimate(spec, spec.context or self.default_context, remote, 1)
+        est = self._estimate(spec, spec.context or self.default_context, 0, 1)
         parts, first = [], counts[0]
         for node, count in zip(nodes[1:], counts[1:], strict=True):
-            held = sum(layer[first : first + count]) + worker_fixed
+            held = sum(blocks[first : first + count]) + worker_fixed
             parts.append(Part(node.name, count, held))
             first += count
-        split = " + ".join([f"{main.name} {counts[0]}"] + [f"{p.node} {p.layers}" for p in parts])
+        own = counts[0] + 1  # its blocks and the output layer
+        split = " + ".join([f"{main.name} {own}"] + [f"{p.node} {p.layers}" for p in parts])
         return Placement(
             model=spec.name,
             node=main.name,
@@ -566,14 +578,14 @@ class _Planner:
             context=est.n_ctx,
             threads=spec.threads or self.default_threads or main.cores,
             gpu_layers=0,
-            ram=est.ram,
+            ram=main_fixed + sum(blocks[: counts[0]]),
             vram=0,
             path=info.path,
             reason=f"split: no node holds it whole; layers {split} (of {info.n_layers + 1})",
             parallel=spec.slots,
             llama=spec.llama_settings(),
             parts=tuple(parts),
-            held=counts[0],
+            held=own,
         )
 
     # -- memory estimates ------------------------------------------------------

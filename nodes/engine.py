@@ -323,7 +323,7 @@ class RpcPart:
 
     node: str  # the box, for messages
     endpoint: str  # its RPC worker, HOST:PORT on the cluster's network
-    layers: int  # how many of the model's layers it holds
+    layers: int  # how many of the model's blocks it holds (the output layer stays home)
 
 
 @dataclass(frozen=True, slots=True)

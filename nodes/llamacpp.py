@@ -194,9 +194,11 @@ class LlamaCppEngine:
 
     def _split(self, params: llama_cpp.llama_model_params) -> tuple[ctypes.Array, ...]:
         """Register the boxes that hold part of the model (``spec.rpc``) and give each its
-        layers: llama.cpp offloads the last ``n_gpu_layers`` layers to the devices it is
+        blocks: llama.cpp offloads the last ``n_gpu_layers`` layers to the devices it is
         given, the RPC workers' then this box's GPUs, in the proportions of
-        ``tensor_split``. The arrays returned must live until the model is loaded."""
+        ``tensor_split``. The output layer counts as the last of them, but its weights
+        stay here (``rpc.output_on_cpu``), so the logits are computed on this box. The
+        arrays returned must live until the model is loaded."""
         parts = self._spec.rpc
         endpoints = [p.endpoint for p in parts]
         rpc.add_servers(endpoints, [p.node for p in parts])
@@ -204,17 +206,20 @@ class LlamaCppEngine:
         own = self._spec.n_gpu_layers
         shares = [float(p.layers) for p in parts]
         shares += [own / local_gpus] * local_gpus if own and local_gpus else [0.0] * local_gpus
+        shares[len(parts) - 1] += 1  # the output layer's place: the last worker's run
         listed = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
         split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*shares)
         params.devices = ctypes.cast(listed, ctypes.c_void_p)
         params.tensor_split = split
-        params.n_gpu_layers = own + sum(p.layers for p in parts)
+        overrides = rpc.output_on_cpu()
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        params.n_gpu_layers = own + sum(p.layers for p in parts) + 1  # + the output layer
         log.info(
             "%s: split: %s",
             self._spec.model,
             ", ".join(f"{p.layers} layers on {p.node} ({p.endpoint})" for p in parts),
         )
-        return listed, split
+        return listed, split, overrides
 
     def _open_context(self, shape: ContextShape, pooling: int) -> LlamaContext:
         llama = self._spec.llama

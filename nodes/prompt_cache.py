@@ -15,8 +15,9 @@ conversations left in the cache would slow down the running ones.
 
 The cache is sized in tokens (cells): by default a quarter of the replica's
 context, so it takes at most a quarter of its KV cache's memory, in RAM, and the
-estimate counts it so (``nodes/gguf.py``). This module is the bookkeeping alone (which entry, what to
-forget), over opaque data; ``nodes/batching.py`` does the copying.
+estimate counts it so (``nodes/gguf.py``). This module is the bookkeeping alone
+(which entry, what to forget), over opaque data; ``nodes/batching.py`` does the
+copying.
 """
 
 from __future__ import annotations

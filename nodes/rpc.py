@@ -219,6 +219,37 @@ def offload_devices(endpoints: list[str]) -> tuple[list[int], int]:
     return remote + local, len(local)
 
 
+class _BuftOverride(ctypes.Structure):
+    """llama.cpp's ``llama_model_tensor_buft_override``: tensors whose name matches
+    ``pattern`` (a regular expression) go to buffer type ``buft``."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+# The output layer's tensors: its norm and its matrix (tied models use the token
+# embeddings as that matrix, under their own name).
+OUTPUT_TENSORS = rb"^(output_norm|output|token_embd)\.weight$"
+
+
+def output_on_cpu() -> ctypes.Array:
+    """A NULL-terminated override list that keeps the output layer in this process's RAM
+    (``llama_model_params.tensor_buft_overrides``; it must live until the model is loaded).
+
+    llama.cpp offloads the output layer with the last offloaded block, here to the last
+    RPC worker, which then sends the logits back every step: a row of n_vocab floats per
+    token (192 KiB for a 49k vocabulary), against n_embd floats (2 KiB) for the hidden
+    state when the main replica computes the logits itself."""
+    import llama_cpp  # noqa: F401 - loads libggml with its backends registered
+
+    ggml = ctypes.CDLL(str(_lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    cpu = ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(DEVICE_CPU))
+    return (_BuftOverride * 2)(_BuftOverride(OUTPUT_TENSORS, cpu), _BuftOverride(None, None))
+
+
 # -- a lender ---------------------------------------------------------------------------
 
 

@@ -651,9 +651,16 @@ def check_split(p: Placement, nodes: Sequence[PlanNode]) -> None:
     assert p.ram <= free[p.node]
     for part in p.parts:
         assert part.layers >= 1 and part.ram <= free[part.node]
-    # the main replica's memory is the estimate with the parts' layers elsewhere
+    # the main replica's memory: the whole model on the CPU without the parts' blocks
+    # (their weights and KV cache) and without a prompt cache; it keeps the output layer
+    def last(g: int) -> int:  # weights and KV of the last g layers (the output is last)
+        est = estimate_memory(info, 4096, gpu_layers=g)
+        return est.weights_vram + est.kv_vram
+
     remote = sum(part.layers for part in p.parts)
-    assert p.ram == estimate_memory(info, 4096, gpu_layers=remote).ram
+    whole = estimate_memory(info, 4096)
+    expected = whole.ram - whole.cache_ram - (last(remote + 1) - last(1)) + info.tied_head_bytes
+    assert p.ram == expected
 
 
 def test_a_model_no_node_holds_is_split_over_the_fewest_nodes_that_do():
