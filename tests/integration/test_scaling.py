@@ -243,8 +243,9 @@ def test_keep_alive_zero_in_the_request_unloads_right_after_it(corral, client, a
 
 # -- 4. eviction ---------------------------------------------------------------------
 
-EV_CONTEXT = 64000  # ~1.7 GiB a replica: the nas (5.6 GiB) holds three, not four
-EV_HUGE = 300_000  # ~6.9 GiB: more than the nas offers even when empty
+# ~1.7 GiB a replica (KV cache and prompt cache): the nas (5.6 GiB) holds three, not four
+EV_CONTEXT = 52000
+EV_HUGE = 300_000  # ~8.5 GiB: more than the nas offers even when empty
 
 
 @pytest.fixture

@@ -119,18 +119,23 @@ def test_each_slot_keeps_its_own_grammar(four):
         assert mode.lstrip().startswith("{")
 
 
-def test_the_next_turn_reuses_the_cached_conversation(four):
-    first = chat("Name a colour.", temperature=0, max_tokens=12)
-    answer, _ = run(four, first)
-    before = dict(four._batcher.counters)
-    second = GenerateRequest(
+def next_turn(answer: str, max_tokens: int) -> GenerateRequest:
+    """The second turn of the conversation ``chat("Name a colour.")`` began."""
+    return GenerateRequest(
         messages=(
             ChatMessage("user", "Name a colour."),
             ChatMessage("assistant", answer),
             ChatMessage("user", "And another one?"),
         ),
-        params=SamplingParams(temperature=0, max_tokens=12),
+        params=SamplingParams(temperature=0, max_tokens=max_tokens),
     )
+
+
+def test_the_next_turn_reuses_the_cached_conversation(four):
+    first = chat("Name a colour.", temperature=0, max_tokens=12)
+    answer, _ = run(four, first)
+    before = dict(four._batcher.counters)
+    second = next_turn(answer, 12)
     tokens = four.encode(second)
     run(four, second)
     reused = four._batcher.counters["prompt_reused"] - before["prompt_reused"]
@@ -147,14 +152,7 @@ def test_a_conversation_that_lost_its_slot_comes_back_from_ram(starter_path):
         first = chat("Name a colour.", temperature=0, max_tokens=12)
         answer, _ = run(engine, first)
         run(engine, chat("List three fruits.", temperature=0, max_tokens=12))
-        second = GenerateRequest(
-            messages=(
-                ChatMessage("user", "Name a colour."),
-                ChatMessage("assistant", answer),
-                ChatMessage("user", "And another one?"),
-            ),
-            params=SamplingParams(temperature=0, max_tokens=24),
-        )
+        second = next_turn(answer, 24)
         before = dict(engine._batcher.counters)
         text, _ = run(engine, second)
         reused = engine._batcher.counters["prompt_reused"] - before["prompt_reused"]
