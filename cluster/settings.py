@@ -83,8 +83,9 @@ class CorralSettings(BaseSettings):
         default=0.05,
         ge=0,
         le=1,
-        description="Seconds between the messages of a stream after the first token; "
-        "batching tokens leaves the CPU to the model (0: a message per token).",
+        description="Seconds between the messages of a stream after the first token, "
+        "up to 3 times that while a replica runs several streams; batching tokens leaves "
+        "the CPU to the model (0: a message per token).",
     )
     load_timeout: float = Field(
         default=600.0,
