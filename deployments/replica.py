@@ -132,12 +132,15 @@ class _Outbox:
         self._items: deque[Any] = deque()
         self._lock = threading.Lock()
         self._waiter: asyncio.Future[None] | None = None
+        self._holding: asyncio.Future[None] | None = None  # see ``hold``
 
     def put(self, item: Any) -> bool:
         """From the engine thread; False once the event loop is gone."""
         with self._lock:
             self._items.append(item)
             waiter, self._waiter = self._waiter, None
+            if item is _END and waiter is None:
+                waiter, self._holding = self._holding, None
         if waiter is not None:
             try:
                 self._loop.call_soon_threadsafe(_resolve, waiter)
@@ -153,6 +156,19 @@ class _Outbox:
         if waiter is not None:
             await waiter
         return self.take()
+
+    async def hold(self, seconds: float) -> None:
+        """On the loop: let more items join for ``seconds``, or until the stream ends (its
+        last message is never held back)."""
+        with self._lock:
+            if self._items and self._items[-1] is _END:
+                return
+            holding = self._holding = self._loop.create_future()
+        try:
+            await asyncio.wait({holding}, timeout=seconds)
+        finally:
+            with self._lock:
+                self._holding = None
 
     def take(self) -> list[Any]:
         """On the loop: whatever is there now (maybe nothing)."""
@@ -272,7 +288,7 @@ class ModelReplica:
                 running = min(self._pending, self._slots)
                 wait = flushed + stream_spacing(self._stream_interval, running) - loop.time()
                 if wait > 0 and batch[-1] is not _END:
-                    await asyncio.sleep(wait)  # let a few more tokens join this message
+                    await outbox.hold(wait)  # let a few more tokens join this message
                     batch += outbox.take()
                 flushed = loop.time()
                 events = [e for e in batch if e is not _END and not isinstance(e, BaseException)]

@@ -76,6 +76,19 @@ def test_the_interval_grows_with_the_streams_running():
     assert stream_spacing(0.0, 4) == 0.0
 
 
+def test_the_end_of_a_stream_is_not_held_back_by_the_interval():
+    async def run():
+        rep = replica(stream_interval=0.5, token_delay=0.01, reply_tokens=5)
+        started = time.perf_counter()
+        return started, await collect(rep, request())
+
+    started, messages = asyncio.run(run())
+    ended_at, last = messages[-1]
+    assert isinstance(last[-1], Finished)
+    # five tokens take ~0.05 s; the 0.5 s interval would hold the last message until 0.5 s
+    assert ended_at - started < 0.4
+
+
 def test_without_an_interval_each_token_is_its_own_message():
     messages = asyncio.run(collect(replica(stream_interval=0, token_delay=0.01), request()))
     sizes = [len(b) for _, b in messages[1:]]
