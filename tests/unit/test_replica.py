@@ -54,13 +54,19 @@ def test_a_stream_is_admitted_then_text_then_finished():
     assert events[-1].usage.completion_tokens == 5
 
 
-def test_tokens_are_batched_by_the_stream_interval_but_the_first_goes_at_once():
+def timed_stream(**options) -> tuple[float, list[tuple[float, list]]]:
+    """When a stream of a new ``replica(**options)`` began, and its messages (timed)."""
+
     async def run():
-        rep = replica(stream_interval=0.1, token_delay=0.01, reply_tokens=30)
+        rep = replica(**options)
         started = time.perf_counter()
         return started, await collect(rep, request())
 
-    started, messages = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_tokens_are_batched_by_the_stream_interval_but_the_first_goes_at_once():
+    started, messages = timed_stream(stream_interval=0.1, token_delay=0.01, reply_tokens=30)
     text_messages = [(t, b) for t, b in messages if any(isinstance(e, TextDelta) for e in b)]
     first_at, first = text_messages[0]
     assert len([e for e in first if isinstance(e, TextDelta)]) == 1  # not held back
@@ -77,12 +83,7 @@ def test_the_interval_grows_with_the_streams_running():
 
 
 def test_the_end_of_a_stream_is_not_held_back_by_the_interval():
-    async def run():
-        rep = replica(stream_interval=0.5, token_delay=0.01, reply_tokens=5)
-        started = time.perf_counter()
-        return started, await collect(rep, request())
-
-    started, messages = asyncio.run(run())
+    started, messages = timed_stream(stream_interval=0.5, token_delay=0.01, reply_tokens=5)
     ended_at, last = messages[-1]
     assert isinstance(last[-1], Finished)
     # five tokens take ~0.05 s; the 0.5 s interval would hold the last message until 0.5 s
