@@ -651,6 +651,7 @@ def check_split(p: Placement, nodes: Sequence[PlanNode]) -> None:
     assert p.ram <= free[p.node]
     for part in p.parts:
         assert part.layers >= 1 and part.ram <= free[part.node]
+
     # the main replica's memory: the whole model on the CPU without the parts' blocks
     # (their weights and KV cache) and without a prompt cache; it keeps the output layer
     def last(g: int) -> int:  # weights and KV of the last g layers (the output is last)
