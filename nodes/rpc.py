@@ -181,18 +181,29 @@ def _device_count(ggml: ctypes.CDLL) -> int:
     return ggml.ggml_backend_dev_count()
 
 
-def _devices() -> list[tuple[int, str, str, int]]:
-    """Every device llama.cpp has in this process: (handle, name, description, type)."""
+def _ggml_devices() -> ctypes.CDLL:
+    """libggml (as llama_cpp loaded it, backends registered) with the prototypes of its
+    device calls that this module uses."""
     import llama_cpp  # noqa: F401 - loads libggml with its backends registered
 
     ggml = ctypes.CDLL(str(_lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
-    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
-    for f in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
-        getattr(ggml, f).argtypes = [ctypes.c_void_p]
-        getattr(ggml, f).restype = ctypes.c_char_p
-    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_type.restype = ctypes.c_int
+    prototypes = {
+        "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
+        "ggml_backend_dev_name": ([ctypes.c_void_p], ctypes.c_char_p),
+        "ggml_backend_dev_description": ([ctypes.c_void_p], ctypes.c_char_p),
+        "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
+        "ggml_backend_dev_by_type": ([ctypes.c_int], ctypes.c_void_p),
+        "ggml_backend_dev_buffer_type": ([ctypes.c_void_p], ctypes.c_void_p),
+    }
+    for name, (args, result) in prototypes.items():
+        getattr(ggml, name).argtypes = args
+        getattr(ggml, name).restype = result
+    return ggml
+
+
+def _devices() -> list[tuple[int, str, str, int]]:
+    """Every device llama.cpp has in this process: (handle, name, description, type)."""
+    ggml = _ggml_devices()
     found = []
     for i in range(_device_count(ggml)):
         d = ggml.ggml_backend_dev_get(i)
@@ -239,13 +250,7 @@ def output_on_cpu() -> ctypes.Array:
     RPC worker, which then sends the logits back every step: a row of n_vocab floats per
     token (192 KiB for a 49k vocabulary), against n_embd floats (2 KiB) for the hidden
     state when the main replica computes the logits itself."""
-    import llama_cpp  # noqa: F401 - loads libggml with its backends registered
-
-    ggml = ctypes.CDLL(str(_lib_dir() / "libggml.so"), mode=ctypes.RTLD_GLOBAL)
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    ggml = _ggml_devices()
     cpu = ggml.ggml_backend_dev_buffer_type(ggml.ggml_backend_dev_by_type(DEVICE_CPU))
     return (_BuftOverride * 2)(_BuftOverride(OUTPUT_TENSORS, cpu), _BuftOverride(None, None))
 
