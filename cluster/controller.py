@@ -127,6 +127,10 @@ class Controller:
         # Placements lost with their node and not yet placed elsewhere, by (model, node).
         self._lost: dict[tuple[str, str], Placement] = {}
         self._alive: set[str] | None = None  # node names alive when last reconciled
+        # Split placements whose RPC worker was missing at the last tick while its node
+        # still looked alive: a box that is unplugged loses its actors a moment before Ray
+        # calls the box dead, so the loss is named at the next tick, when Ray knows which.
+        self._lender_missing: set[tuple[str, str]] = set()
         self._replace_tried = 0.0  # when lost placements were last tried elsewhere
         self._not_replaced: dict[str, str] = {}  # model -> why its lost replicas fit nowhere
         self._state_file = settings.state_path / STATE_FILE
@@ -471,8 +475,12 @@ class Controller:
             down = [node for node in p.nodes if node not in alive]
             if down:
                 why[p.key] = f"{down[0]} left the cluster"
-        for key, node in (await self._without_lenders()).items():
+        missing = await self._without_lenders()
+        for key, node in missing.items():
+            if key not in why and key not in self._lender_missing:
+                continue  # seen first now, with its box alive: wait one tick (see __init__)
             why.setdefault(key, f"its RPC worker on {node} stopped")
+        self._lender_missing = {key for key in missing if key not in why}
         gone = [self._placements[key] for key in why if key in self._placements]
         joined = self._alive is not None and bool(alive - self._alive)
         due = time.monotonic() - self._replace_tried > REPLACE_RETRY

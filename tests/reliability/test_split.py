@@ -11,6 +11,8 @@ The same GGUF with the same settings runs whole on a big box for comparison.
 2. The box that lends the layers is unplugged mid-stream: the stream ends with an
    error within seconds, the controller says it lost the placement and splits the
    model again over the boxes left, whose answer is still the whole model's.
+3. The RPC worker's process dies while its box stays up: the stream ends, the loss
+   names the worker (not the box), and the model is split again.
 
 It lives with the drills: the box it unplugs stays listed (down) for the session.
 """
@@ -141,4 +143,26 @@ def test_the_lending_box_unplugged_mid_stream_ends_it_and_the_model_is_split_aga
     row = placements(corral, SPLIT)[A]
     assert [p["node"] for p in row["parts"]] == [C], row
     wait_for(lambda: {n.rpartition("@")[2] for n in lenders()} == {C}, 30, "one RPC worker")
+    assert greedy(openai_client, SPLIT) == whole
+
+
+def test_a_crashed_rpc_worker_on_a_live_box_is_named_and_the_model_is_split_again(
+    corral, boxes, openai_client
+):
+    whole = greedy(openai_client, WHOLE)
+    [name] = lenders()
+    assert name.endswith(f"@{C}"), name
+    stream = start_stream(corral.url, SPLIT, messages=MESSAGES, max_tokens=1500, temperature=0)
+    wait_for(lambda: stream.content >= 2, 60, "the split model's stream to flow")
+    since = time.time()
+    ray.kill(ray.get_actor(name))  # its process dies; the box stays up
+    wait_for(lambda: stream.ended_at, 60, "the stream to end")
+    assert stream.error is not None and stream.failure is None, stream.events[-2:]
+
+    [lost] = wait_for(lambda: events(since, SPLIT, "lost"), 30, "the lost placement")
+    assert lost["node"] == A and lost["reason"] == f"its RPC worker on {C} stopped", lost
+    assert C in up(corral)
+    wait_for(lambda: events(since, SPLIT, "replace"), 120, "the model split again")
+    assert [p["node"] for p in placements(corral, SPLIT)[A]["parts"]] == [C]
+    wait_for(lambda: len(lenders()) == 1, 30, "one RPC worker")
     assert greedy(openai_client, SPLIT) == whole
