@@ -78,7 +78,10 @@ def ps_table(rows: list[PlacementView], now: float) -> Table:
             node = f"{node} {row.layers} layers + " + " + ".join(
                 f"{part.node} {part.layers}" for part in row.parts
             )
-            memory = " + ".join(human_bytes(r) for r in [row.ram, *(p.ram for p in row.parts)])
+            memory = " + ".join(
+                human_bytes(ram) + (f" + {human_bytes(vram)} VRAM" if vram else "")
+                for ram, vram in [(row.ram, row.vram), *((p.ram, p.vram) for p in row.parts)]
+            )
         table.add_row(
             row.model,
             node,

@@ -5,7 +5,8 @@ once the placement is gone.
 A lender is a detached actor named after its placement's Serve application and its
 node, so it outlives a restarted controller (which adopts the placement and with it its
 lenders) and anything can find it by name. It holds the memory of its layers as
-Ray's ``memory`` resource on its node, so Ray's accounting and the planner's agree.
+Ray's ``memory`` resource on its node (and, lending its GPUs, their VRAM as
+``vram_mib``), so Ray's accounting and the planner's agree.
 
 ``sweep`` removes the lenders no placement needs (whichever way a placement went:
 unloaded, evicted, re-planned, lost); ``running`` lists those alive, from which the
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Collection, Iterable
 
 import ray
 
-from cluster.planner import Part, Placement
-from nodes.agent import LABEL_NODE
+from cluster.planner import MIB, Part, Placement
+from cluster.serve_apps import SEE_ALL_GPUS
+from nodes.agent import LABEL_NODE, VRAM_RESOURCE
 from nodes.engine import RpcPart
 from nodes.errors import ModelLoadFailed
 from nodes.rpc import START_TIMEOUT, RpcLender
@@ -60,6 +63,10 @@ async def lend(p: Placement, app: str, ports: tuple[int, int]) -> tuple[RpcPart,
 async def _start(part: Part, app: str, ports: tuple[int, int], threads: int) -> RpcPart:
     name = name_of(app, part.node)
     await stop([name])  # a reload: a new worker, sized for the new part
+    options: dict = {}
+    if part.vram:  # it lends its GPUs: it holds their VRAM, and must see them
+        options["resources"] = {VRAM_RESOURCE: math.ceil(part.vram / MIB)}
+        options["runtime_env"] = {"env_vars": dict(SEE_ALL_GPUS)}
     actor = (
         ray.remote(RpcLender)
         .options(
@@ -69,8 +76,9 @@ async def _start(part: Part, app: str, ports: tuple[int, int], threads: int) -> 
             num_cpus=0,
             memory=part.ram,
             max_restarts=0,
+            **options,
         )
-        .remote("", ports, "", threads)
+        .remote("", ports, "", threads, bool(part.vram))
     )
     endpoint = await asyncio.wait_for(actor.endpoint.remote(), START_TIMEOUT + 30)
     log.info("RPC worker %s on %s listens at %s", name, part.node, endpoint)

@@ -22,10 +22,11 @@ under ``gpu: auto`` they split the node's free VRAM, each taking the most GPU
 layers that fit its share, the rest of the model in RAM.
 
 A model no single node can hold (``placement.split: auto``, the default) is split:
-its main replica runs on the node with the most free memory and the last of its
-layers go to RPC workers on the fewest other nodes that together have room, each
-taking layers in proportion to its free RAM (``_Planner._split``). One replica;
-``placement.split: never`` refuses instead, saying what is missing.
+its main replica runs on the node with the most free RAM and the rest of its blocks go
+to RPC workers on the fewest other nodes that together have room, each taking blocks
+in proportion to its free memory: GPU memory first (a node with a GPU lends VRAM, as
+llama.cpp's ``tensor_split`` does), RAM when VRAM is not enough (``_Planner._split``).
+One replica; ``placement.split: never`` refuses instead, saying what is missing.
 
 Memory is the planner's own accounting: a node's offer (Ray's ``memory`` and
 ``vram_mib`` resources) minus the estimates of the placements on it, the same
@@ -63,16 +64,17 @@ class PlanNode:
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    """Layers of a split model that another node holds, through its RPC worker.
+    """Blocks of a split model that another node holds, through its RPC worker.
 
-    ``layers`` counts as llama.cpp's ``n_gpu_layers`` does (the output layer is one):
-    the main replica keeps the first layers, and the parts hold the rest in order, the
-    last part with the output layer. ``ram`` is what its worker holds: those layers'
-    weights and KV cache, a compute buffer and the worker's own process."""
+    The main replica keeps its blocks and the output layer; the parts hold the other
+    blocks in order. ``ram`` is what its worker holds in RAM: its process and, lending
+    RAM, those blocks' weights and KV cache and a compute buffer; ``vram`` (lending its
+    GPUs) holds the blocks and the compute buffer instead."""
 
     node: str
     layers: int
     ram: int
+    vram: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,7 @@ class Placement:
     parallel: int = 1  # slots: requests each replica decodes together
     llama: LlamaSettings = field(default_factory=LlamaSettings)
     parts: tuple[Part, ...] = ()  # a split model: the layers other nodes hold
-    held: int = 0  # a split model: the main replica's layers (its first blocks, the output)
+    held: int = 0  # a split model: the main replica's layers (its blocks, the output)
 
     def __post_init__(self) -> None:
         if isinstance(self.llama, dict):  # read back from JSON (saved state)
@@ -198,11 +200,18 @@ def describe_placement(p: Placement) -> str:
 
 
 def _split_text(p: Placement) -> str:
-    """``main 12 layers (310 MiB RAM) + nas 19 layers (250 MiB RAM)``; "" unsplit."""
+    """``main 12 layers (310 MiB RAM) + gpubox 19 layers (1.2 GiB VRAM)``; "" unsplit."""
     if not p.parts:
         return ""
-    rows = [(p.node, p.held, p.ram)] + [(part.node, part.layers, part.ram) for part in p.parts]
-    return " + ".join(f"{node} {n} layers ({human_bytes(ram)} RAM)" for node, n, ram in rows)
+    main = f"{human_bytes(p.ram)} RAM" + (f" + {human_bytes(p.vram)} VRAM" if p.vram else "")
+    rows = [f"{p.node} {p.held} layers ({main})"]
+    rows += [
+        f"{q.node} {q.layers} layers ({human_bytes(q.vram)} VRAM)"
+        if q.vram
+        else f"{q.node} {q.layers} layers ({human_bytes(q.ram)} RAM)"
+        for q in p.parts
+    ]
+    return " + ".join(rows)
 
 
 def diff(current: Iterable[Placement], plan: Plan) -> list[Change]:
@@ -492,14 +501,18 @@ class _Planner:
         """One replica of ``spec`` split over the fewest nodes that hold it together, or
         why none (``whole``: why no single node takes it).
 
-        The main replica runs on the node with the most free RAM and keeps the first
-        blocks, the input embeddings, the output layer (it computes the logits itself:
-        a worker holding it would send a row of n_vocab floats per token instead of
-        n_embd) and the host's compute buffer; each RPC worker, on the next nodes by
-        free RAM, holds a run of the remaining blocks with their KV cache, plus a
-        compute buffer and its process. Blocks go to each node in proportion to the RAM
-        it has left after those fixed costs. On the CPU only: a split never offloads to
-        a GPU (``gpu: required`` never splits).
+        The main replica runs on the node with the most free RAM and keeps the input
+        embeddings, the output layer (it computes the logits itself: a worker holding it
+        would send a row of n_vocab floats per token instead of n_embd) and the host's
+        compute buffer; each RPC worker, on the next nodes, holds a run of blocks with
+        their KV cache, plus a compute buffer and its process. Blocks go to each node in
+        proportion to the memory it has left after those fixed costs.
+
+        GPU memory first: with ``gpu: auto``, each node with a GPU lends its VRAM (the
+        main replica puts its own blocks on its GPUs), the others their RAM, and nodes
+        are taken by the memory they lend, VRAM before RAM. When that does not hold the
+        model, every node lends RAM, as on a cluster without GPUs. ``gpu: required``
+        never splits.
         """
         where = spec.placement
         if where.split == "never" or where.gpu == "required":
@@ -507,11 +520,8 @@ class _Planner:
         info = self.models[spec.name]
         context = spec.context or self.default_context
         n = info.n_layers + 1  # llama.cpp's layers: the blocks and the output layer
-        candidates = sorted(
-            (self.nodes[name] for name in self._allowed(spec)),
-            key=lambda node: (-self.free_ram[node.name], node.name),
-        )
-        if len(candidates) < 2:
+        allowed = [self.nodes[name] for name in self._allowed(spec)]
+        if len(allowed) < 2:
             return whole
 
         def last(g: int) -> int:
@@ -526,65 +536,111 @@ class _Planner:
         # the main replica holding no block: its input, the output layer and the host's
         # compute buffer as a whole model on the CPU has it (the logits are computed
         # here); no prompt cache (its KV cache lies on other boxes, nodes/llamacpp.py)
-        main_fixed = (
-            partial.ram - layer[0] - partial.compute_ram + cpu.compute_ram + output
-        ) - partial.cache_ram
-        worker_fixed = partial.compute_vram + RPC_OVERHEAD
-        total = sum(blocks)
-        for k in range(2, len(candidates) + 1):
-            nodes = candidates[:k]
-            room = [self.free_ram[nodes[0].name] - main_fixed] + [
-                self.free_ram[node.name] - worker_fixed for node in nodes[1:]
-            ]
-            if min(room) <= 0 or sum(room) < total:
-                continue
-            counts = _share_layers(blocks, room)
-            if counts is None:
-                continue
-            return self._split_placement(spec, nodes, counts, blocks, main_fixed, worker_fixed)
-        have = sum(max(0, self.free_ram[n.name]) for n in candidates)
-        need = main_fixed + total + worker_fixed * (len(candidates) - 1)
+        costs = _SplitCosts(
+            main=(partial.ram - layer[0] - partial.compute_ram + cpu.compute_ram + output)
+            - partial.cache_ram,
+            compute=partial.compute_vram,  # a device's compute buffer for its blocks
+        )
+        gpu_first = where.gpu != "never" and any(node.vram for node in allowed)
+        tries = [True, False] if gpu_first else [False]
+        for k in range(2, len(allowed) + 1):
+            for gpus in tries:
+                lenders = self._split_lenders(allowed, gpus)[:k]
+                placed = self._split_over(spec, lenders, blocks, costs)
+                if placed is not None:
+                    return placed
+        have = sum(max(0, self.free_ram[node.name]) for node in allowed)
+        need = costs.main + sum(blocks) + (costs.compute + RPC_OVERHEAD) * (len(allowed) - 1)
         return (
-            f"{whole}; split over the {len(candidates)} nodes it may use, it needs about "
+            f"{whole}; split over the {len(allowed)} nodes it may use, it needs about "
             f"{human_bytes(need)} RAM and they have {human_bytes(have)} free "
             f"({human_bytes(max(0, need - have))} missing)"
         )
 
+    def _split_lenders(self, nodes: Sequence[PlanNode], gpus: bool) -> list[_Lender]:
+        """What each of ``nodes`` lends a split (its VRAM, if ``gpus`` and it has some;
+        else its RAM), the most first, VRAM before RAM."""
+        lent = [
+            _Lender(node.name, True, self.free_vram[node.name])
+            if gpus and node.vram
+            else _Lender(node.name, False, self.free_ram[node.name])
+            for node in nodes
+        ]
+        return sorted(lent, key=lambda d: (not d.vram, -d.free, d.node))
+
+    def _split_over(
+        self,
+        spec: ModelSpec,
+        lenders: Sequence[_Lender],
+        blocks: Sequence[int],
+        costs: _SplitCosts,
+    ) -> Placement | None:
+        """``spec`` split over ``lenders`` (the main replica on the one with the most free
+        RAM), or None if they do not hold it."""
+        main = min(lenders, key=lambda d: (-self.free_ram[d.node], d.node))
+        workers = [d for d in lenders if d is not main]
+        if main.vram and self.free_ram[main.node] < costs.main:
+            return None
+        if any(d.vram and self.free_ram[d.node] < RPC_OVERHEAD for d in workers):
+            return None
+        room = [self.free_vram[main.node] - costs.compute if main.vram else
+                self.free_ram[main.node] - costs.main]  # fmt: skip
+        room += [d.free - costs.compute - (0 if d.vram else RPC_OVERHEAD) for d in workers]
+        if min(room) <= 0 or sum(room) < sum(blocks):
+            return None
+        # llama.cpp's order of blocks: this box's CPU, then the workers in order, then
+        # this box's GPUs
+        order = ([] if main.vram else [0]) + list(range(1, len(room))) + ([0] if main.vram else [])
+        counts = _share_layers(blocks, [room[i] for i in order])
+        if counts is None:
+            return None
+        held = dict(zip(order, counts, strict=True))
+        if not all(held[i] for i in range(1, len(room))) or (main.vram and not held[0]):
+            return None  # every worker, and the main replica's GPUs, hold a block
+        bytes_of, first = {}, 0
+        for i, count in zip(order, counts, strict=True):
+            bytes_of[i], first = sum(blocks[first : first + count]), first + count
+        parts = tuple(
+            Part(d.node, held[i], RPC_OVERHEAD, bytes_of[i] + costs.compute)
+            if d.vram
+            else Part(d.node, held[i], bytes_of[i] + costs.compute + RPC_OVERHEAD)
+            for i, d in enumerate(workers, start=1)
+        )
+        return self._split_placement(spec, main, held[0], bytes_of[0], parts, costs)
+
     def _split_placement(
         self,
         spec: ModelSpec,
-        nodes: Sequence[PlanNode],
-        counts: Sequence[int],
-        blocks: Sequence[int],
-        main_fixed: int,
-        worker_fixed: int,
+        main: _Lender,
+        count: int,
+        size: int,
+        parts: tuple[Part, ...],
+        costs: _SplitCosts,
     ) -> Placement:
-        """``counts``: the blocks each of ``nodes`` holds; the main one (the first) also
-        holds the output layer, counted among its layers."""
+        """The main replica's placement: ``count`` blocks of ``size`` bytes (on its GPUs if
+        it lends VRAM), the output layer, and its ``parts``."""
         info = self.models[spec.name]
-        main = nodes[0]
+        node = self.nodes[main.node]
         est = self._estimate(spec, spec.context or self.default_context, 0, 1)
-        parts, first = [], counts[0]
-        for node, count in zip(nodes[1:], counts[1:], strict=True):
-            held = sum(blocks[first : first + count]) + worker_fixed
-            parts.append(Part(node.name, count, held))
-            first += count
-        own = counts[0] + 1  # its blocks and the output layer
-        split = " + ".join([f"{main.name} {own}"] + [f"{p.node} {p.layers}" for p in parts])
+        own = count + 1  # its blocks and the output layer
+        split = " + ".join(
+            [f"{main.node} {own}{' (VRAM)' if main.vram else ''}"]
+            + [f"{p.node} {p.layers}{' (VRAM)' if p.vram else ''}" for p in parts]
+        )
         return Placement(
             model=spec.name,
-            node=main.name,
+            node=main.node,
             replicas=1,
             context=est.n_ctx,
-            threads=spec.threads or self.default_threads or main.cores,
-            gpu_layers=0,
-            ram=main_fixed + sum(blocks[: counts[0]]),
-            vram=0,
+            threads=spec.threads or self.default_threads or node.cores,
+            gpu_layers=count if main.vram else 0,
+            ram=costs.main + (0 if main.vram else size),
+            vram=size + costs.compute if main.vram else 0,
             path=info.path,
             reason=f"split: no node holds it whole; layers {split} (of {info.n_layers + 1})",
             parallel=spec.slots,
             llama=spec.llama_settings(),
-            parts=tuple(parts),
+            parts=parts,
             held=own,
         )
 
@@ -668,10 +724,14 @@ class _Planner:
             return False
         if spec.placement.split == "never" or not self._settings_match(spec, nodes[0], p):
             return False
-        need: dict[str, int] = {p.node: p.ram}
+        ram: dict[str, int] = {p.node: p.ram}
+        vram: dict[str, int] = {p.node: p.vram}
         for part in p.parts:
-            need[part.node] = need.get(part.node, 0) + part.ram
-        return all(self.free_ram[node] >= ram for node, ram in need.items())
+            ram[part.node] = ram.get(part.node, 0) + part.ram
+            vram[part.node] = vram.get(part.node, 0) + part.vram
+        return all(self.free_ram[node] >= need for node, need in ram.items()) and all(
+            self.free_vram[node] >= need for node, need in vram.items()
+        )
 
     def _reserve(self, p: Placement) -> None:
         """Make ``p`` the placement of its model on its node, in place of any before."""
@@ -681,6 +741,7 @@ class _Planner:
         self.free_vram[p.node] -= p.replicas * p.vram
         for part in p.parts:
             self.free_ram[part.node] -= part.ram
+            self.free_vram[part.node] -= part.vram
 
     def _release(self, key: tuple[str, str]) -> None:
         held = self.placed.pop(key, None)
@@ -689,6 +750,7 @@ class _Planner:
             self.free_vram[held.node] += held.replicas * held.vram
             for part in held.parts:
                 self.free_ram[part.node] += part.ram
+                self.free_vram[part.node] += part.vram
 
     def _restore(self, model: str, before: Mapping[tuple[str, str], Placement]) -> None:
         """Put ``model``'s placements back to ``before``."""
@@ -721,6 +783,24 @@ class _Planner:
                     )
         placements = sorted(self.placed.values(), key=lambda p: (p.model, p.node))
         return Plan(tuple(placements), tuple(unplaced), tuple(self.notes))
+
+
+@dataclass(frozen=True, slots=True)
+class _Lender:
+    """A node's memory offered to a split: its free VRAM (``vram``) or its free RAM."""
+
+    node: str
+    vram: bool
+    free: int  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _SplitCosts:
+    """What a split costs beside its blocks: the main replica's fixed RAM (input, output
+    layer, host compute buffer), and each device's compute buffer for its blocks."""
+
+    main: int
+    compute: int
 
 
 def _share_layers(layer: Sequence[int], room: Sequence[int]) -> list[int] | None:

@@ -65,7 +65,7 @@ def placement_view(
         path=p.path,
         reason=p.reason,
         layers=p.held if p.parts else None,
-        parts=[Part(node=q.node, layers=q.layers, ram=q.ram) for q in p.parts],
+        parts=[Part(node=q.node, layers=q.layers, ram=q.ram, vram=q.vram) for q in p.parts],
     )
 
 

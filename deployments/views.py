@@ -49,6 +49,7 @@ class Part(BaseModel):
     node: str
     layers: int
     ram: int  # bytes
+    vram: int = 0  # bytes: the blocks on its GPUs, when it lends VRAM
 
 
 class Failure(BaseModel):

@@ -202,11 +202,17 @@ class LlamaCppEngine:
         parts = self._spec.rpc
         endpoints = [p.endpoint for p in parts]
         rpc.add_servers(endpoints, [p.node for p in parts])
-        devices, local_gpus = rpc.offload_devices(endpoints)
+        remote, local = rpc.offload_devices(endpoints)
         own = self._spec.n_gpu_layers
-        shares = [float(p.layers) for p in parts]
-        shares += [own / local_gpus] * local_gpus if own and local_gpus else [0.0] * local_gpus
-        shares[len(parts) - 1] += 1  # the output layer's place: the last worker's run
+        if own and not local:
+            raise ModelLoadFailed(
+                f"{self._spec.model} was placed with {own} blocks on this box's GPUs, "
+                f"and llama.cpp finds no GPU here"
+            )
+        shares = rpc.tensor_split(
+            [p.layers for p in parts], [len(d) for d in remote], own, len(local)
+        )
+        devices = [d for mine in remote for d in mine] + local
         listed = (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
         split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*shares)
         params.devices = ctypes.cast(listed, ctypes.c_void_p)
@@ -215,9 +221,14 @@ class LlamaCppEngine:
         params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         params.n_gpu_layers = own + sum(p.layers for p in parts) + 1  # + the output layer
         log.info(
-            "%s: split: %s",
+            "%s: split: %s%s",
             self._spec.model,
-            ", ".join(f"{p.layers} layers on {p.node} ({p.endpoint})" for p in parts),
+            ", ".join(
+                f"{p.layers} layers on {p.node} ({p.endpoint}, {len(d)} device"
+                f"{'s' if len(d) != 1 else ''})"
+                for p, d in zip(parts, remote, strict=True)
+            ),
+            f", {own} layers on this box's GPUs" if own else "",
         )
         return listed, split, overrides
 

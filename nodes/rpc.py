@@ -5,7 +5,8 @@ Both sides are llama.cpp's own code in the installed llama-cpp-python, built wit
 ``-DGGML_RPC=on`` (``libggml-rpc.so`` beside ``libllama.so``), reached through
 ctypes (the header is ``ggml/include/ggml-rpc.h`` of the vendored llama.cpp):
 
-* **A lender** runs ``ggml_backend_rpc_start_server`` on this box's CPU device. That
+* **A lender** runs ``ggml_backend_rpc_start_server`` on this box's CPU device (or on
+  its GPUs, when the planner has it lend VRAM: ``served_devices``). That
   call blocks for good and only SIGKILL stops it, so it runs in a process of its
   own (``RpcServer`` starts ``python -m nodes.rpc serve ...`` and kills it). Its
   cache directory keeps the tensors it was sent, by hash, so a reload does not send
@@ -213,9 +214,10 @@ def _devices() -> list[tuple[int, str, str, int]]:
     return found
 
 
-def offload_devices(endpoints: list[str]) -> tuple[list[int], int]:
-    """The devices a split model offloads to, in order: the RPC workers' (``endpoints``,
-    registered by ``add_servers``), then this box's own GPUs; and how many are local.
+def offload_devices(endpoints: list[str]) -> tuple[list[list[int]], list[int]]:
+    """The devices a split model offloads to, in order: each RPC worker's (``endpoints``,
+    registered by ``add_servers``: its CPU, or every GPU of a worker lending VRAM), then
+    this box's own GPUs.
 
     llama.cpp's own choice when given none leaves registered RPC devices out here, so
     the model gets this list itself (``llama_model_params.devices``)."""
@@ -223,11 +225,25 @@ def offload_devices(endpoints: list[str]) -> tuple[list[int], int]:
     remote = []
     for endpoint in endpoints:
         mine = [d for d, name, desc, _ in devices if name.startswith("RPC") and desc == endpoint]
-        if len(mine) != 1:
+        if not mine:
             raise RpcUnreachable(f"the RPC worker at {endpoint} is not registered in this process")
-        remote += mine
+        remote.append(mine)
     local = [d for d, name, _, kind in devices if kind == DEVICE_GPU and not name.startswith("RPC")]
-    return remote + local, len(local)
+    return remote, local
+
+
+def tensor_split(parts: list[int], devices: list[int], own: int, local: int) -> list[float]:
+    """llama.cpp's ``tensor_split`` for a split model: the share of offloaded layers of
+    each device, in the order of ``offload_devices``. ``parts``: the blocks each worker
+    holds, ``devices``: how many devices each worker serves (its blocks spread evenly
+    over them), ``own``: the blocks on this box's ``local`` GPUs. The output layer is
+    counted last, on the last device with blocks (its weights stay here: see
+    ``output_on_cpu``), so every other device holds exactly its blocks."""
+    shares = [layers / n for layers, n in zip(parts, devices, strict=True) for _ in range(n)]
+    shares += [own / local if own else 0.0] * local
+    last = len(shares) - 1 if own and local else sum(devices) - 1
+    shares[last] += 1
+    return shares
 
 
 class _BuftOverride(ctypes.Structure):
@@ -258,15 +274,23 @@ def output_on_cpu() -> ctypes.Array:
 # -- a lender ---------------------------------------------------------------------------
 
 
-def serve(endpoint: str, cache_dir: str | None, threads: int) -> None:
-    """Serve this box's CPU over RPC at ``endpoint``; never returns."""
-    rpc, ggml = _load("ggml-rpc"), _load("ggml")
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    device = ggml.ggml_backend_dev_by_type(DEVICE_CPU)
-    if not device:
-        raise RpcUnavailable("llama.cpp found no CPU device to serve")
-    devices = (ctypes.c_void_p * 1)(device)
+def served_devices(devices: list[tuple[int, str, str, int]], gpus: bool) -> list[int]:
+    """What a worker serves, of this process's ``devices`` (``_devices``): every GPU
+    when it lends VRAM (``gpus``), as llama.cpp's ``rpc-server`` does by default, else
+    the CPU."""
+    kind = DEVICE_GPU if gpus else DEVICE_CPU
+    found = [d for d, name, _, t in devices if t == kind and not name.startswith("RPC")]
+    if not found:
+        raise RpcUnavailable(f"llama.cpp found no {'GPU' if gpus else 'CPU'} device to serve")
+    return found if gpus else found[:1]
+
+
+def serve(endpoint: str, cache_dir: str | None, threads: int, gpus: bool = False) -> None:
+    """Serve this box's CPU (or, ``gpus``, its GPUs) over RPC at ``endpoint``; never
+    returns."""
+    rpc = _load("ggml-rpc")
+    served = served_devices(_devices(), gpus)
+    devices = (ctypes.c_void_p * len(served))(*served)
     rpc.ggml_backend_rpc_start_server.argtypes = [
         ctypes.c_char_p,
         ctypes.c_char_p,
@@ -278,7 +302,7 @@ def serve(endpoint: str, cache_dir: str | None, threads: int) -> None:
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     rpc.ggml_backend_rpc_start_server(
-        endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, 1, devices
+        endpoint.encode(), cache_dir.encode() if cache_dir else None, threads, len(served), devices
     )
     raise RpcUnavailable(f"llama.cpp's RPC server at {endpoint} stopped (see its output)")
 
@@ -286,10 +310,19 @@ def serve(endpoint: str, cache_dir: str | None, threads: int) -> None:
 class RpcServer:
     """``serve`` in a process of its own (see the module docstring), killed by ``stop``."""
 
-    def __init__(self, endpoint: str, cache_dir: str | None, threads: int, log: Path | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        cache_dir: str | None,
+        threads: int,
+        log: Path | None = None,
+        gpus: bool = False,
+    ):
         self.endpoint = endpoint
         command = [sys.executable, "-m", "nodes.rpc", "serve", endpoint, "--threads", str(threads)]
         command += ["--parent", str(os.getpid())]  # it dies with this process
+        if gpus:
+            command.append("--gpus")
         if cache_dir:
             command += ["--cache-dir", cache_dir]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child's
@@ -342,9 +375,12 @@ class RpcLender:
     it was sent stay in ``cache_dir``, so a reload does not send them over the LAN again.
     """
 
-    def __init__(self, host: str, ports: tuple[int, int], cache_dir: str, threads: int) -> None:
+    def __init__(
+        self, host: str, ports: tuple[int, int], cache_dir: str, threads: int, gpus: bool = False
+    ) -> None:
         """``host`` "": this box's address in the cluster (Ray's node address); ``cache_dir``
-        "": ``~/.cache/corral/rpc`` of the user Ray runs as."""
+        "": ``~/.cache/corral/rpc`` of the user Ray runs as; ``gpus``: lend the box's GPUs
+        (its VRAM) instead of its CPU."""
         if not host:
             import ray
 
@@ -355,9 +391,8 @@ class RpcLender:
         for port in range(first, last + 1):
             if not _free(host, port):
                 continue
-            server = RpcServer(
-                f"{host}:{port}", cache_dir, threads, log=Path(cache_dir) / f"rpc-{port}.log"
-            )
+            log = Path(cache_dir) / f"rpc-{port}.log"
+            server = RpcServer(f"{host}:{port}", cache_dir, threads, log=log, gpus=gpus)
             try:
                 server.wait_ready()
             except RpcUnreachable:  # taken meanwhile: the next one
@@ -395,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nodes.rpc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serving = sub.add_parser("serve", help="serve this box's CPU over llama.cpp RPC")
+    serving.add_argument("--gpus", action="store_true", help="serve its GPUs instead")
     serving.add_argument("endpoint", help="HOST:PORT to listen on (a cluster address)")
     serving.add_argument("--cache-dir", default=None)
     serving.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -402,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.parent:
         _die_with(args.parent)
-    serve(args.endpoint, args.cache_dir, args.threads)
+    serve(args.endpoint, args.cache_dir, args.threads, args.gpus)
 
 
 def _die_with(parent: int) -> None:

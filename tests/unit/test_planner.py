@@ -22,11 +22,13 @@ import pytest
 from cluster.planner import (
     GIB,
     MIB,
+    RPC_OVERHEAD,
     Change,
     Placement,
     Plan,
     PlanNode,
     Unplaced,
+    describe_placement,
     diff,
     human_bytes,
     plan,
@@ -643,9 +645,10 @@ def small_boxes(*gib: float) -> list[PlanNode]:
 
 
 def check_split(p: Placement, nodes: Sequence[PlanNode]) -> None:
-    """Every layer is somewhere once, and each node's share fits what it has."""
+    """Every layer is somewhere once, and each node's share fits what it has (in RAM)."""
     info = LIBRARY[p.model]
     assert p.replicas == 1 and p.gpu_layers == 0 and p.vram == 0
+    assert all(part.vram == 0 for part in p.parts)
     assert p.held + sum(part.layers for part in p.parts) == info.n_layers + 1
     free = {n.name: n.ram for n in nodes}
     assert p.ram <= free[p.node]
@@ -739,3 +742,78 @@ def test_a_split_placement_survives_json():
     p = only(run([ModelSpec(name="llama3.1:8b")], small_boxes(4.0, 3.0)), "llama3.1:8b")
     again = Placement(**json.loads(json.dumps(asdict(p))))
     assert again == p and again.engine == p.engine and again.parts == p.parts
+
+
+# -- GPU memory first ---------------------------------------------------------------------
+
+
+def gpu_box(name: str, ram_gib: float, vram_gib: float) -> PlanNode:
+    return PlanNode(name=name, up=True, ram=int(ram_gib * GIB), vram=int(vram_gib * GIB),
+                    gpus=1, cores=4)  # fmt: skip
+
+
+def check_layers(p: Placement) -> None:
+    """Every layer is somewhere once, every part holds a block."""
+    assert p.held + sum(part.layers for part in p.parts) == LIBRARY[p.model].n_layers + 1
+    assert all(part.layers >= 1 for part in p.parts)
+
+
+def check_room(p: Placement, nodes: Sequence[PlanNode]) -> None:
+    """What each node of ``p`` holds fits what it has, in RAM and in VRAM."""
+    ram, vram = {n.name: n.ram for n in nodes}, {n.name: n.vram for n in nodes}
+    assert p.ram <= ram[p.node] and p.vram <= vram[p.node]
+    for part in p.parts:
+        assert part.ram <= ram[part.node] and part.vram <= vram[part.node]
+
+
+def test_a_split_lends_a_gpu_node_its_vram_first():
+    # no node holds llama3.1:8b whole (about 5.5 GiB): gpubox has 1 GiB RAM + 3 GiB VRAM
+    nodes = [gpu_box("gpubox", 1.0, 3.0), *small_boxes(3.5, 3.0)]
+    p = only(run([ModelSpec(name="llama3.1:8b")], nodes), "llama3.1:8b")
+    check_layers(p)
+    check_room(p, nodes)
+    assert (p.node, [q.node for q in p.parts]) == ("a", ["gpubox"])  # main: the most RAM
+    assert p.gpu_layers == 0 and p.vram == 0  # the main replica's blocks in its RAM
+    [gpu] = p.parts
+    assert gpu.ram == RPC_OVERHEAD and gpu.vram > 2 * GIB  # its blocks in VRAM
+    info = LIBRARY["llama3.1:8b"]
+    assert p.reason == (
+        f"split: no node holds it whole; layers a {p.held} + gpubox {gpu.layers} (VRAM) "
+        f"(of {info.n_layers + 1})"
+    )
+    assert describe_placement(p).startswith(
+        f"split: a {p.held} layers ({human_bytes(p.ram)} RAM) + gpubox {gpu.layers} layers "
+        f"({human_bytes(gpu.vram)} VRAM), "
+    )
+    # Ray holds the VRAM: a second model finds gpubox's VRAM taken
+    again = Placement(**json.loads(json.dumps(asdict(p))))
+    assert again == p and again.parts[0].vram == gpu.vram
+
+
+def test_a_split_falls_back_to_ram_when_vram_is_too_small():
+    # gpubox's 0.5 GiB of VRAM and a's RAM do not hold it; both nodes' RAM does
+    nodes = [gpu_box("gpubox", 3.0, 0.5), *small_boxes(3.5)]
+    p = only(run([ModelSpec(name="llama3.1:8b")], nodes), "llama3.1:8b")
+    check_split(p, nodes)
+    assert {p.node, *(q.node for q in p.parts)} == {"a", "gpubox"}
+
+
+def test_gpu_never_splits_over_ram_only():
+    nodes = [gpu_box("gpubox", 1.0, 3.0), *small_boxes(3.5, 3.0)]
+    spec = ModelSpec(name="llama3.1:8b", placement={"gpu": "never"})
+    p = only(run([spec], nodes), "llama3.1:8b")
+    check_split(p, nodes)
+    assert "gpubox" not in p.nodes  # its 1 GiB of RAM is too little to be worth a part
+
+
+def test_a_main_replica_on_a_gpu_node_puts_its_own_blocks_on_its_gpu():
+    nodes = [gpu_box("g1", 1.5, 3.0), gpu_box("g2", 1.0, 3.0)]
+    p = only(run([ModelSpec(name="llama3.1:8b")], nodes), "llama3.1:8b")
+    check_layers(p)
+    check_room(p, nodes)
+    assert (p.node, [q.node for q in p.parts]) == ("g1", ["g2"])  # the most RAM
+    assert p.gpu_layers == p.held - 1 >= 1  # its blocks on its GPU, the output in RAM
+    assert p.vram > GIB and p.parts[0].vram > GIB and p.parts[0].ram == RPC_OVERHEAD
+    assert p.reason.startswith(
+        f"split: no node holds it whole; layers g1 {p.held} (VRAM) + g2 {p.parts[0].layers} (VRAM)"
+    )

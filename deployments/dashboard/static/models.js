@@ -110,9 +110,10 @@ function memoryCell(p) {
   const ram = p.ram || 0;
   const vram = p.vram || 0;
   if (p.parts && p.parts.length) {
-    const lent = p.parts.reduce((sum, q) => sum + q.ram, 0);
-    const title = [`${p.node}: ${fmtBytes(ram)}`, ...p.parts.map((q) => `${q.node}: ${fmtBytes(q.ram)}`)];
-    return el("td", { class: "num memory", title: title.join(", ") }, fmtBytes(ram + lent));
+    const lent = p.parts.reduce((sum, q) => sum + q.ram + (q.vram || 0), 0);
+    const held = (q) => `${fmtBytes(q.ram)}${q.vram ? ` + VRAM ${fmtBytes(q.vram)}` : ""}`;
+    const title = [`${p.node}: ${held(p)}`, ...p.parts.map((q) => `${q.node}: ${held(q)}`)];
+    return el("td", { class: "num memory", title: title.join(", ") }, fmtBytes(ram + vram + lent));
   }
   const title = `per replica: RAM ${fmtBytes(ram)}${vram ? `, VRAM ${fmtBytes(vram)}` : ""} × ${replicas}`;
   return el("td", { class: "num memory", title }, fmtBytes((ram + vram) * replicas));
